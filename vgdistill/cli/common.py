@@ -1,0 +1,85 @@
+"""Shared CLI plumbing: error handling, consoles, and the `--set` option."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from vgdistill.errors import VGError
+
+console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger("vgdistill")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a recipe key, e.g. --set train.lr=1e-4 (value read as TOML). Repeatable.",
+    ),
+]
+
+
+class State:
+    """Global options set by the app callback."""
+
+    verbose: bool = False
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print a one-line error to stderr and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def friendly(fn: F) -> F:
+    """Turn user errors into one red line and exit code 2 (tracebacks only with --verbose)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except VGError as e:
+            if State.verbose:
+                traceback.print_exc()
+            raise fail(str(e), e.exit_code) from None
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+            if State.verbose:
+                traceback.print_exc()
+            raise fail(f"{e.strerror}: {e.filename}") from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as e:  # a bug, not bad input: still one line unless --verbose
+            if State.verbose:
+                traceback.print_exc()
+            raise fail(
+                f"internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)",
+                1,
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def setup_logging(verbose: bool) -> None:
+    """INFO logs by default, DEBUG with --verbose; library chatter stays quiet."""
+    State.verbose = verbose
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    for name in ("transformers", "datasets", "accelerate", "urllib3", "filelock", "PIL"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)

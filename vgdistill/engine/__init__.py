@@ -1,0 +1,1 @@
+"""Engine: training, evaluation, teacher fitting, ablations, prediction and benchmarks."""

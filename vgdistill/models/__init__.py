@@ -1,0 +1,1 @@
+"""Models: backbones, DETR encoder, BERT branch, fusion, teacher and distillation."""
