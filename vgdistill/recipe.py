@@ -93,6 +93,9 @@ class DistillConfig:
     pool: str = _f("first", "Student token used: the first one (paper) or the mean.", ("first", "mean"))
     teacher: str = _f("ViT-B-16", "open_clip model name (or a folder written by `vgdistill teacher`).")
     teacher_pretrained: str = _f("openai", "open_clip pretrained tag or local checkpoint file.")
+    teacher_arch: str = _f(
+        "", "open_clip model `vgdistill teacher` fits when distill.teacher is its output folder."
+    )
     teacher_trainable: bool = _f(False, "Train the teacher too (an ablation; frozen is the paper).")
     teacher_lr: float = _f(1e-5, "Teacher learning rate when teacher_trainable.")
     teacher_precision: str = _f(

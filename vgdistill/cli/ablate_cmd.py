@@ -1,12 +1,222 @@
-"""`vgdistill ablate` (being built)."""
+"""`vgdistill ablate`: the paper's ablation tables from one command, resumable."""
 
 from __future__ import annotations
 
-from vgdistill.cli.common import friendly
-from vgdistill.errors import VGError
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vgdistill.cli.common import SetOption, State, console, err_console, friendly
+
+
+def _factor_option(option: str, what: str) -> Any:
+    return typer.Option(option, help=f"Comma list of values to try: {what}.", show_default=False)
 
 
 @friendly
-def command() -> None:
-    """(being built)"""
-    raise VGError("ablate is not built yet")
+def command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file: the baseline row.")],
+    distill_pos: Annotated[
+        str | None, _factor_option("--distill-pos", "fusion, linear, backbone")
+    ] = None,
+    loss: Annotated[str | None, _factor_option("--loss", "cosine, l1, mse")] = None,
+    modality: Annotated[str | None, _factor_option("--modality", "both, image, text, none")] = None,
+    teacher: Annotated[str | None, _factor_option("--teacher", "frozen, trainable")] = None,
+    alpha: Annotated[
+        str | None, _factor_option("--alpha", "image distillation weights, e.g. 0.5,1.5")
+    ] = None,
+    beta: Annotated[
+        str | None, _factor_option("--beta", "text distillation weights, e.g. 1,2")
+    ] = None,
+    overrides: SetOption = None,
+    grid: Annotated[
+        bool,
+        typer.Option(
+            "--grid/--one-at-a-time",
+            help="Run every combination, or (default) change one factor at a time around the "
+            "recipe's values, as paper tables do.",
+        ),
+    ] = False,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            "--seeds", min=1, help="Runs per variant (seeds recipe, +1, ...): mean ± std."
+        ),
+    ] = 1,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Ablation folder. Default: runs/ablate-<recipe name>."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the variants and their run folders; run none.")
+    ] = False,
+) -> None:
+    """Train and evaluate variants of a recipe; tabulate Acc@0.5 against the baseline.
+
+    Each variant (x seed) is a normal run folder under --out, trained by `vgdistill train`
+    and scored by `vgdistill eval` in its own process (output: ablate.log in that folder).
+
+    Re-running the same command skips finished variants and resumes a cut-off one.
+
+    Writes summary.csv, summary.json and summary.md (a paper-style table) into --out.
+
+    Example: vgdistill ablate recipes/r50.toml --modality both,image,text,none --loss cosine,l1
+    """
+    from vgdistill.engine.ablate import FACTORS, check_variants, idle_changes, plan
+    from vgdistill.recipe import load_recipe
+
+    given = {
+        "position": distill_pos,
+        "loss": loss,
+        "modality": modality,
+        "teacher": teacher,
+        "alpha": alpha,
+        "beta": beta,
+    }
+    factors = {k: FACTORS[k].parse(v) for k, v in given.items() if v is not None}
+    sets = list(overrides or [])
+    base = load_recipe(recipe, sets)
+    out = out or Path("runs") / f"ablate-{recipe.stem}"
+    variants = plan(base, factors, grid=grid, seeds=seeds, out=out)
+    check_variants(recipe, sets, variants)
+    for variant in variants:
+        idle = idle_changes(variant, base)
+        if idle:
+            modality = variant.changes.get("distill.modality", base.distill.modality)
+            err_console.print(
+                f"warning: variant {variant.name}: {', '.join(idle)} has no effect with "
+                f"distill.modality = {modality}; this variant will repeat another",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+    if dry_run:
+        _print_plan(variants, grid)
+        return
+    _run(recipe, sets, variants, out, base.eval.splits, grid, seeds)
+
+
+def _print_plan(variants: list, grid: bool) -> None:
+    from rich.table import Table
+
+    n_runs = sum(len(v.runs) for v in variants)
+    mode = "grid" if grid else "one factor at a time"
+    table = Table(title=f"{len(variants)} variants, {n_runs} runs ({mode})")
+    table.add_column("#", justify="right")
+    table.add_column("variant", style="bold")
+    table.add_column("changes (--set)")
+    table.add_column("seed", justify="right")
+    table.add_column("run folder")
+    table.add_column("status")
+    styles = {"done": "[green]done (skipped)[/]", "partial": "[yellow]partial (resumed)[/]"}
+    i = 0
+    for v in variants:
+        changes = " ".join(v.overrides()) or "(the recipe as written)"
+        for run in v.runs:
+            i += 1
+            status = run.status()
+            table.add_row(
+                str(i), v.name, changes, str(run.seed), str(run.dir), styles.get(status, "new")
+            )
+    console.print(table)
+
+
+def _run(
+    recipe: Path,
+    sets: list[str],
+    variants: list,
+    out: Path,
+    splits: list[str],
+    grid: bool,
+    seeds: int,
+) -> None:
+    from vgdistill.atomic import exclusive
+    from vgdistill.engine.ablate import (
+        Interrupted,
+        read_eval,
+        recipe_drift,
+        run_all,
+        summarise,
+        summary_table,
+        write_summary,
+    )
+
+    total = sum(len(v.runs) for v in variants)
+    counter = {"i": 0}
+
+    def say(text: str, err: bool = False) -> None:
+        # One plain line per event: no markup, never wrapped (paths stay copyable).
+        (err_console if err else console).print(text, highlight=False, markup=False, soft_wrap=True)
+
+    def on_event(kind: str, variant: Any, run: Any, outcome: Any) -> None:
+        label = variant.name + (f" seed {run.seed}" if seeds > 1 else "")
+        if kind == "start":
+            counter["i"] += 1
+        prefix = f"[{counter['i']}/{total}] {label}:"
+        if kind == "start":
+            status = run.status()
+            if status != "done":
+                how = "resuming" if status == "partial" else "training"
+                say(f"{prefix} {how} in {run.dir} (log: {run.log})")
+        elif outcome.status == "skipped":
+            say(f"{prefix} finished earlier, skipped")
+            drift = recipe_drift(run.dir, recipe, [*sets, *variant.overrides(run)])
+            if drift:
+                keys = ", ".join(drift[:4]) + (" ..." if len(drift) > 4 else "")
+                say(
+                    f"  warning: its recipe.toml differs from this command in {keys}; its "
+                    f"results are kept (delete {run.dir} to run it again)",
+                    err=True,
+                )
+        elif outcome.status == "done":
+            results = read_eval(run.dir) or {}
+            scores = "  ".join(
+                f"{s} {100 * results[s]['acc50']:.2f}" for s in splits if s in results
+            )
+            say(f"{prefix} done in {_duration(outcome.seconds)}; Acc@0.5 {scores}")
+        else:
+            say(
+                f"{prefix} FAILED after {_duration(outcome.seconds)}: {outcome.error} "
+                f"(log: {run.log})",
+                err=True,
+            )
+
+    meta = {
+        "recipe": str(recipe),
+        "overrides": sets,
+        "mode": "grid" if grid else "one-at-a-time",
+        "seeds": seeds,
+        "out": str(out),
+    }
+    outcomes: dict = {}
+    interrupted = False
+    with exclusive(out, "another `vgdistill ablate`"):
+        try:
+            run_all(recipe, sets, variants, outcomes, on_event=on_event, verbose=State.verbose)
+        except Interrupted:
+            interrupted = True
+        summary = summarise(variants, splits, outcomes, meta)
+        paths = write_summary(out, summary)
+    console.print(summary_table(summary, title=f"Ablation: {recipe} ({meta['mode']})"))
+    console.print(f"wrote {', '.join(str(p) for p in paths)}", highlight=False)
+    if interrupted:
+        err_console.print(
+            "interrupted; the running variant saved a resumable state. Re-run the same "
+            "command to continue (finished variants are skipped)."
+        )
+        raise typer.Exit(130)
+    failed = [r for r in summary["variants"] if r["status"] == "failed"]
+    if failed:
+        err_console.print(
+            f"[red]{len(failed)} of {len(variants)} variants failed[/]: "
+            + ", ".join(r["name"] for r in failed)
+            + "; see their ablate.log. Re-running retries them.",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"

@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vgdistill.errors import VGError
 
@@ -38,7 +39,7 @@ class State:
 
 def fail(message: str, code: int = 2) -> typer.Exit:
     """Print a one-line error to stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -76,10 +77,8 @@ def friendly(fn: F) -> F:
 def setup_logging(verbose: bool) -> None:
     """INFO logs by default, DEBUG with --verbose; library chatter stays quiet."""
     State.verbose = verbose
+    # Other libraries (open_clip logs its model config at INFO) stay at WARNING.
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
+        level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr
     )
-    for name in ("transformers", "datasets", "accelerate", "urllib3", "filelock", "PIL"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -1,12 +1,92 @@
-"""`vgdistill teacher` (being built)."""
+"""`vgdistill teacher`: fit a CLIP teacher on a prepared dataset (open_clip, contrastive)."""
 
 from __future__ import annotations
 
-from vgdistill.cli.common import friendly
-from vgdistill.errors import VGError
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vgdistill.cli.common import SetOption, console, err_console, friendly
+
+
+def retrieval_table(report: dict[str, Any], split: str) -> Any:
+    """A rich table of validation retrieval (R@1 before/after fitting, R@5, chance)."""
+    from rich.table import Table
+
+    before, after = report["metrics"]["before"], report["metrics"]["after"]
+    table = Table(
+        title=f"teacher retrieval on '{split}' "
+        f"({int(after['images'])} images, {int(after['texts'])} distinct phrases)"
+    )
+    table.add_column("direction")
+    table.add_column("R@1 before", justify="right")
+    table.add_column("R@1", justify="right", style="bold")
+    table.add_column("R@5", justify="right")
+    table.add_column("chance R@1", justify="right")
+    for key, name in (("i2t", "image -> phrase"), ("t2i", "phrase -> image")):
+        table.add_row(
+            name,
+            f"{before[f'{key}_r1']:.3f}",
+            f"{after[f'{key}_r1']:.3f}",
+            f"{after[f'{key}_r5']:.3f}",
+            f"{after[f'{key}_chance']:.3f}",
+        )
+    return table
 
 
 @friendly
-def command() -> None:
-    """(being built)"""
-    raise VGError("teacher is not built yet")
+def command(
+    recipe: Annotated[
+        Path, typer.Argument(help="Recipe TOML: its [data] and distill.teacher* keys are used.")
+    ],
+    set_: SetOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder (default: distill.teacher when it names a folder, "
+            "else runs/teacher-<recipe name>).",
+        ),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 12,
+    batch_size: Annotated[
+        int, typer.Option(help="Pairs per contrastive batch (one phrase per image).")
+    ] = 128,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, cosine).")] = 2e-3,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from these open_clip weights: a local-dir folder or a weights file "
+            "(default: distill.teacher_pretrained; '' = from scratch).",
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Refit even if --out holds a finished teacher.")
+    ] = False,
+) -> None:
+    """Fit a CLIP teacher contrastively on the (image, phrase) pairs of a prepared dataset.
+
+    Uses open_clip's model classes and CLIP loss; batches hold one phrase per image. Writes an
+    open_clip local-dir folder (open_clip_config.json + open_clip_model.safetensors,
+    teacher.json, metrics.jsonl) that a recipe's distill.teacher can point at, and prints
+    image->phrase / phrase->image retrieval on data.val_split.
+    """
+    from vgdistill.engine.teacher_fit import FitSettings, default_out, fit_teacher
+    from vgdistill.recipe import load_recipe
+
+    rec = load_recipe(recipe, set_ or [])
+    target = out if out is not None else default_out(rec, recipe)
+    settings = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=rec.train.seed)
+    report = fit_teacher(rec, target, settings, init=init, force=force, console=err_console)
+    if report["reused"]:
+        err_console.print(f"{target} already holds this teacher (use --force to refit)")
+    console.print(retrieval_table(report, rec.data.val_split))
+    console.print(
+        f"teacher: {report['teacher']}, {report['steps']} steps in {report['fit_s']:.0f}s "
+        f"-> {target}",
+        highlight=False,
+    )
+    if Path(rec.distill.teacher).resolve() != Path(target).resolve():
+        console.print(f"use it with: --set distill.teacher={target}", highlight=False)

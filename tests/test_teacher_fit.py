@@ -1,0 +1,366 @@
+"""`vgdistill teacher`: a CLIP teacher fitted on a tiny prepared dataset of coloured squares.
+
+Each image holds two squares of different colours; its two rows are "the <colour> square on
+the <side>" for each. A teacher that learned anything ranks the right phrases/images first far
+more often than chance; the saved folder must load through open_clip's own entry points.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vgdistill.cli.app import app
+
+runner = CliRunner()
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 200),
+    "white": (250, 250, 250),
+}
+ARCH = "vgdtest-teacher-clip"
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _scene(rng: random.Random, size: int = 32):
+    """A grey noisy image with two squares of different colours, and its two phrases."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), (128, 128, 128))
+    draw = ImageDraw.Draw(img)
+    for _ in range(60):  # background speckle so colour is not the only pixel statistic
+        x, y = rng.randrange(size), rng.randrange(size)
+        v = rng.randrange(90, 170)
+        draw.point((x, y), fill=(v, v, v))
+    a, b = rng.sample(list(COLOURS), 2)
+    side = size // 3
+    left_first = rng.random() < 0.5
+    xs = (rng.randrange(0, size // 2 - side + 1), rng.randrange(size // 2, size - side + 1))
+    rows = []
+    for k, colour in enumerate((a, b)):
+        x = xs[k] if left_first else xs[1 - k]
+        y = rng.randrange(0, size - side + 1)
+        draw.rectangle([x, y, x + side - 1, y + side - 1], fill=COLOURS[colour])
+        where = ("top" if y < (size - side) // 2 else "bottom") + (
+            " left" if x < size // 2 else " right"
+        )
+        rows.append((f"the {colour} square at the {where}", [x, y, x + side, y + side]))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue(), rows
+
+
+def make_dataset(folder: Path, counts: dict[str, int], seed: int = 0) -> None:
+    """A prepared-dataset folder with the contract's columns (DatasetDict + prepare.json)."""
+    import datasets
+    from datasets import Features, Image, Sequence, Value
+
+    features = Features(
+        {
+            "image": Image(),
+            "expression": Value("string"),
+            "bbox": Sequence(Value("float32"), length=4),
+            "image_id": Value("string"),
+            "ref_id": Value("string"),
+            "split": Value("string"),
+            "source": Value("string"),
+            "width": Value("int32"),
+            "height": Value("int32"),
+        }
+    )
+    rng = random.Random(seed)
+    splits = {}
+    for split, n_images in counts.items():
+        rows = []
+        for i in range(n_images):
+            png, phrases = _scene(rng)
+            for j, (text, box) in enumerate(phrases):
+                rows.append(
+                    {
+                        "image": {"bytes": png, "path": None},
+                        "expression": text,
+                        "bbox": [float(v) for v in box],
+                        "image_id": f"{split}-{i}",
+                        "ref_id": f"{split}-{i}-{j}",
+                        "split": split,
+                        "source": "test-squares",
+                        "width": 32,
+                        "height": 32,
+                    }
+                )
+        splits[split] = datasets.Dataset.from_list(rows, features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(folder))
+    counts_json = {s: {"read": len(d), "kept": len(d), "dropped": {}} for s, d in splits.items()}
+    manifest = {
+        "format_version": 1,
+        "vgdistill_version": "test",
+        "source": "test-squares",
+        "args": {},
+        "counts": counts_json,
+        "fingerprint": f"test-{seed}",
+    }
+    (folder / "prepare.json").write_text(json.dumps(manifest))
+
+
+def write_recipe(folder: Path, data: Path, teacher: str, arch: str = ARCH) -> Path:
+    """A tiny recipe whose distill.teacher is the folder to write."""
+    path = folder / "recipe.toml"
+    path.write_text(
+        f"""
+[data]
+path = "{data}"
+image_size = 32
+max_query_len = 12
+num_workers = 0
+
+[model]
+preset = "tiny"
+
+[distill]
+teacher = "{teacher}"
+teacher_pretrained = ""
+teacher_arch = "{arch}"
+
+[train]
+seed = 3
+epochs = 1
+"""
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_arch(tmp_path_factory):
+    """Register a tiny open_clip config from a temp JSON file."""
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip_cfg")
+    (folder / f"{ARCH}.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder / f"{ARCH}.json")
+    return ARCH
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """150 train images (300 rows) and 40 val images (80 rows)."""
+    folder = tmp_path_factory.mktemp("squares") / "data"
+    make_dataset(folder, {"train": 150, "val": 40})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, tiny_arch, data_dir):
+    """Fit once through the CLI; later tests read the folder it wrote."""
+    work = tmp_path_factory.mktemp("fit")
+    out = work / "teacher"
+    recipe = write_recipe(work, data_dir, str(out))
+    argv = ["teacher", str(recipe), "--epochs", "8", "--batch-size", "16", "--lr", "3e-3"]
+    t0 = time.perf_counter()
+    result = runner.invoke(app, argv)
+    elapsed = time.perf_counter() - t0
+    assert result.exit_code == 0, result.output
+    return {"out": out, "recipe": recipe, "argv": argv, "output": result.output, "time": elapsed}
+
+
+def test_fit_writes_an_open_clip_local_dir_folder(fitted):
+    out = fitted["out"]
+    assert (out / "open_clip_config.json").is_file()
+    assert (out / "open_clip_model.safetensors").is_file()
+    cfg = json.loads((out / "open_clip_config.json").read_text())
+    assert cfg["model_cfg"] == TINY_CLIP
+    assert cfg["preprocess_cfg"]["size"] in (32, [32, 32])
+    report = json.loads((out / "teacher.json").read_text())
+    assert report["complete"] is True
+    assert report["data"]["train_images"] == 150 and report["data"]["val_rows"] == 80
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 8
+    # no temp folders left beside the output
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".teacher.")] in (
+        [],
+        [".teacher.lock"],
+    )
+
+
+def test_loss_falls_and_retrieval_beats_chance(fitted):
+    report = json.loads((fitted["out"] / "teacher.json").read_text())
+    history = report["history"]
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
+    after = report["metrics"]["after"]
+    for key in ("i2t", "t2i"):
+        assert after[f"{key}_r1"] >= after[f"{key}_chance"] + 0.25, after
+    # 6 colours x 4 corners = 24 phrase texts; each image carries 2 distinct ones
+    assert after["texts"] <= 24
+    assert after["i2t_chance"] == pytest.approx(2 / after["texts"])
+    assert "phrase -> image" in fitted["output"] and "chance R@1" in fitted["output"]
+
+
+def test_saved_teacher_loads_through_open_clip_with_identical_embeddings(fitted, data_dir):
+    import open_clip
+    import torch
+
+    out = fitted["out"]
+    a = open_clip.create_model(f"local-dir:{out}").eval()
+    b = open_clip.create_model(ARCH, pretrained=str(out / "open_clip_model.safetensors")).eval()
+    tok = open_clip.get_tokenizer(f"local-dir:{out}")
+    images = torch.rand(3, 3, 32, 32)
+    text = tok(["the red square at the top left", "the blue square at the bottom right"])
+    with torch.no_grad():
+        assert torch.equal(a.encode_image(images), b.encode_image(images))
+        assert torch.equal(a.encode_text(text), b.encode_text(text))
+
+    # the loaded weights reproduce the retrieval the fit reported (same embeddings as trained)
+    from vgdistill.engine import teacher_fit as tf
+
+    report = json.loads((out / "teacher.json").read_text())
+    recipe = _load(fitted["recipe"])
+    split = tf.load_split_pairs(recipe, recipe.data.val_split)
+    teacher = tf.wrap_teacher(a, tok, TINY_CLIP)
+    again = tf.evaluate_retrieval(teacher, split, torch.device("cpu"))
+    for k in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"):
+        assert again[k] == pytest.approx(report["metrics"]["after"][k], abs=1e-6)
+
+
+def test_recipe_teacher_loads_the_fitted_folder(fitted):
+    """distill.teacher = FOLDER: the distillation Teacher builds it and embeds as open_clip."""
+    import open_clip
+    import torch
+
+    from vgdistill.models.teacher import Teacher
+
+    recipe = _load(fitted["recipe"])
+    teacher = Teacher.from_config(recipe.distill)
+    assert teacher.frozen and teacher.embed_dim == TINY_CLIP["embed_dim"]
+    ref = open_clip.create_model(f"local-dir:{fitted['out']}").eval()
+    student_frames = torch.randn(2, 3, 32, 32)  # ImageNet-normalised, already 32 x 32
+    phrases = ["the red square at the top left", "the green square at the bottom right"]
+    img, txt = teacher.encode(student_frames, phrases)
+    with torch.no_grad():
+        want_img = ref.encode_image(teacher.image_input(student_frames))
+        want_txt = ref.encode_text(open_clip.get_tokenizer(f"local-dir:{fitted['out']}")(phrases))
+    assert torch.allclose(img, want_img, atol=1e-6) and torch.allclose(txt, want_txt, atol=1e-6)
+
+
+def _load(recipe_path: Path):
+    from vgdistill.recipe import load_recipe
+
+    return load_recipe(recipe_path)
+
+
+def test_rerun_reuses_the_finished_teacher_and_force_refits(fitted, tmp_path):
+    out = fitted["out"]
+    stamp = (out / "open_clip_model.safetensors").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = runner.invoke(app, fitted["argv"])
+    assert again.exit_code == 0, again.output
+    assert time.perf_counter() - t0 < fitted["time"]
+    assert (out / "open_clip_model.safetensors").stat().st_mtime_ns == stamp
+    assert "already holds this teacher" in again.output
+
+    other = runner.invoke(app, [*fitted["argv"][:-2], "--lr", "1e-3"])
+    assert other.exit_code == 2
+    assert "other settings" in other.output and "--force" in other.output
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    forced = runner.invoke(
+        app, [*fitted["argv"][:2], "--out", str(copy), "--epochs", "1", "--force"]
+    )
+    assert forced.exit_code == 0, forced.output
+    assert len((copy / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_missing_dataset_is_a_one_line_error(tmp_path, tiny_arch):
+    recipe = write_recipe(tmp_path, tmp_path / "nowhere", str(tmp_path / "teacher"))
+    line = _one_line_error(runner.invoke(app, ["teacher", str(recipe)]))
+    assert "nowhere" in line
+    assert not (tmp_path / "teacher").exists()
+
+
+def test_unknown_model_name_is_a_one_line_error(tmp_path, data_dir):
+    recipe = write_recipe(tmp_path, data_dir, str(tmp_path / "teacher"), arch="ViT-Q-99")
+    line = _one_line_error(runner.invoke(app, ["teacher", str(recipe)]))
+    assert "ViT-Q-99" in line and "open_clip" in line
+
+
+def test_missing_split_and_bad_init_are_one_line_errors(tmp_path, tiny_arch, data_dir):
+    recipe = write_recipe(tmp_path, data_dir, str(tmp_path / "teacher"))
+    line = _one_line_error(
+        runner.invoke(app, ["teacher", str(recipe), "--set", "data.val_split=testB"])
+    )
+    assert "testB" in line
+    line = _one_line_error(
+        runner.invoke(app, ["teacher", str(recipe), "--init", str(tmp_path / "w.safetensors")])
+    )
+    assert "not found" in line
+
+
+def test_fit_can_start_from_a_saved_teacher_folder(fitted, tmp_path):
+    out = tmp_path / "adapted"
+    result = runner.invoke(
+        app,
+        ["teacher", str(fitted["recipe"]), "--init", str(fitted["out"]), "--out", str(out),
+         "--epochs", "1", "--batch-size", "16"],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "teacher.json").read_text())
+    before = json.loads((fitted["out"] / "teacher.json").read_text())["metrics"]["after"]
+    # starting from the fitted weights, "before" is the fitted teacher's own score
+    assert report["metrics"]["before"]["t2i_r1"] == pytest.approx(before["t2i_r1"], abs=1e-6)
+
+
+def test_distinct_batches_never_repeat_an_image_or_a_phrase():
+    from vgdistill.engine.teacher_fit import distinct_batches
+
+    rng = random.Random(0)
+    image_of_row = [i // 3 for i in range(300)]  # 100 images x 3 phrases
+    phrases = [f"phrase {rng.randrange(40)}" for _ in range(300)]
+    batches = distinct_batches(image_of_row, phrases, 16, random.Random(1))
+    seen = [r for b in batches for r in b]
+    assert len(seen) == len(set(seen)) and len(seen) >= 298  # at most a lone row dropped
+    for b in batches:
+        assert len({image_of_row[r] for r in b}) == len(b)
+        assert len({phrases[r] for r in b}) == len(b)
+        assert 2 <= len(b) <= 16
+    assert sum(len(b) == 16 for b in batches) >= len(batches) - 9
+
+
+def test_retrieval_metrics_by_hand():
+    import torch
+
+    from vgdistill.engine.teacher_fit import retrieval_metrics
+
+    e = torch.eye(3)
+    img = e  # 3 images
+    # 4 texts: image 0 carries texts {0, 1}, image 1 {2}, image 2 {3}
+    txt = torch.stack([e[0], e[2], e[1], 0.5 * e[1]])
+    m = retrieval_metrics(img, txt, [{0, 1}, {2}, {3}])
+    # image 0 -> text 0 (hit), image 1 -> text 2 (hit), image 2 -> text 1 (image 0's: miss)
+    assert m["i2t_r1"] == pytest.approx(2 / 3)
+    # text 0 -> image 0 (hit), text 1 -> image 2 (miss), text 2 -> image 1 (hit), 3 -> 1 (miss)
+    assert m["t2i_r1"] == pytest.approx(2 / 4)
+    assert m["i2t_chance"] == pytest.approx((2 / 4 + 1 / 4 + 1 / 4) / 3)
+    assert m["t2i_chance"] == pytest.approx(1 / 3)
+    assert m["i2t_r5"] == 1.0 and m["t2i_r5"] == 1.0

@@ -1,0 +1,1 @@
+"""Datasets: sources, prepare, image decoding, transforms and loaders."""

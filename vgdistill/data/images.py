@@ -1,0 +1,202 @@
+"""The one place that decodes user images: files and bytes become upright 8-bit RGB PIL images.
+
+`prepare` and `predict` both go through `load_image`, so an image is seen the same way when a
+dataset is built and when a user grounds a phrase on it: EXIF orientation applied, any mode
+(grayscale, palette, CMYK, RGBA, 16-bit) turned into RGB, truncated or unreadable files and
+decompression bombs reported as a one-line `VGError` naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vgdistill.errors import VGError
+
+# PIL's own default limit (about 89.5 M pixels, a 1024 MB RGBA image): larger images are refused.
+DEFAULT_MAX_PIXELS = 89_478_485
+MAX_PIXELS_ENV = "VGDISTILL_MAX_PIXELS"
+# EXIF tag 0x0112: how the camera was held; 1 = already upright.
+_ORIENTATION = 0x0112
+_STORE_AS_IS = {"JPEG", "PNG"}
+_pil_limit_lock = threading.Lock()
+
+ImageSource = str | os.PathLike | bytes
+
+
+def max_pixels_limit(max_pixels: int | None = None) -> int:
+    """The pixel limit in force: the argument, else $VGDISTILL_MAX_PIXELS, else PIL's default."""
+    if max_pixels is not None:
+        return int(max_pixels)
+    env = os.environ.get(MAX_PIXELS_ENV)
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise VGError(f"${MAX_PIXELS_ENV} must be an integer, got {env!r}") from None
+    return DEFAULT_MAX_PIXELS
+
+
+def _label(src: ImageSource, name: str | None) -> str:
+    if name:
+        return name
+    if isinstance(src, bytes):
+        return "<image bytes>"
+    return str(src)
+
+
+def _open(src: ImageSource, label: str, limit: int) -> Image.Image:
+    """Open (header only) and enforce the pixel limit before any pixel is decoded."""
+    fp: io.BytesIO | str | os.PathLike = io.BytesIO(src) if isinstance(src, bytes) else src
+    try:
+        # PIL warns above its own limit and refuses above twice it; we apply `limit` ourselves,
+        # so silence the warning and lift PIL's refusal only when our limit is higher.
+        with _pil_limit_lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved = Image.MAX_IMAGE_PIXELS
+            if saved is not None and limit > saved:
+                Image.MAX_IMAGE_PIXELS = limit
+            try:
+                im = Image.open(fp)
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+    except FileNotFoundError:
+        raise VGError(f"image not found: {label}") from None
+    except IsADirectoryError:
+        raise VGError(f"expected an image file, got a folder: {label}") from None
+    except Image.DecompressionBombError as e:
+        raise VGError(f"{label}: refused as a possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise VGError(f"{label}: not an image PIL can read (unknown or corrupt format)") from None
+    except OSError as e:
+        raise VGError(f"{label}: unreadable or truncated image ({e})") from None
+    w, h = im.size
+    if w * h > limit:
+        raise VGError(
+            f"{label}: {w}x{h} = {w * h:,} pixels exceeds the limit of {limit:,} "
+            f"(possible decompression bomb); raise the limit with ${MAX_PIXELS_ENV} "
+            "if the image is trusted"
+        )
+    if w <= 0 or h <= 0:
+        raise VGError(f"{label}: image has no pixels ({w}x{h})")
+    return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; transparency is composited on white, high bit depths scaled."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (or 32-bit integer) grayscale: PIL's convert('RGB') clips at 255 instead of
+        # scaling, which would turn most 16-bit images white.
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        if arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        arr = np.nan_to_num(np.clip(arr, 0, 255)).round().astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    has_alpha = im.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
+        im.mode in ("P", "L", "RGB") and "transparency" in im.info
+    )
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(_ORIENTATION, 1) or 1)
+    except Exception:  # a broken EXIF block must not make the pixels unreadable
+        return 1
+
+
+def load_image(
+    src: ImageSource, *, name: str | None = None, max_pixels: int | None = None
+) -> Image.Image:
+    """Decode a file path or encoded bytes into an upright RGB image; VGError when it cannot."""
+    label = _label(src, name)
+    limit = max_pixels_limit(max_pixels)
+    opened = _open(src, label, limit)
+    rgb = None
+    try:
+        opened.load()
+        im = ImageOps.exif_transpose(opened) if _orientation(opened) != 1 else opened
+        rgb = _to_rgb(im)
+    except VGError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        # PIL reports truncation as OSError("image file is truncated ...").
+        raise VGError(f"{label}: unreadable or truncated image ({e})") from None
+    finally:
+        if rgb is not opened:  # the result may be the opened image itself (already RGB)
+            opened.close()
+    assert rgb is not None
+    return rgb
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """Encoded bytes to embed in a prepared dataset, and the upright size they decode to."""
+
+    data: bytes
+    width: int
+    height: int
+    reencoded: bool
+
+
+def image_for_storage(
+    src: ImageSource, *, name: str | None = None, max_pixels: int | None = None
+) -> StoredImage:
+    """Validate an image fully and return bytes that any decoder reads upright.
+
+    JPEG/PNG files that need no rotation keep their original bytes (no quality loss, no
+    re-encoding cost); anything else (EXIF-rotated, CMYK, 16-bit, TIFF, WebP, alpha...) is
+    decoded with `load_image` and re-encoded losslessly as an RGB PNG.
+    """
+    label = _label(src, name)
+    limit = max_pixels_limit(max_pixels)
+    data = src if isinstance(src, bytes) else _read_bytes(src, label)
+    im = _open(data, label, limit)
+    try:
+        fmt, mode, size = im.format, im.mode, im.size
+        upright = _orientation(im) == 1
+        alpha = "transparency" in im.info
+        if fmt == "JPEG":
+            # Decoding at 1/8 scale still walks the whole entropy-coded stream, so truncation
+            # is detected at a fraction of the cost of a full decode.
+            im.draft(im.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
+        im.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise VGError(f"{label}: unreadable or truncated image ({e})") from None
+    finally:
+        im.close()
+    if fmt in _STORE_AS_IS and upright and mode in ("RGB", "L") and not alpha:
+        return StoredImage(data, size[0], size[1], reencoded=False)
+    rgb = load_image(data, name=label, max_pixels=limit)
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", compress_level=3)
+    return StoredImage(buf.getvalue(), rgb.width, rgb.height, reencoded=True)
+
+
+def _read_bytes(path: str | os.PathLike, label: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise VGError(f"image not found: {label}") from None
+    except IsADirectoryError:
+        raise VGError(f"expected an image file, got a folder: {label}") from None
+    except OSError as e:
+        raise VGError(f"{label}: cannot read image ({e.strerror or e})") from None

@@ -1,0 +1,164 @@
+"""From a prepared split to batches: decode, transform, tokenize, collate (the batch contract).
+
+Batch keys (B = batch, S = data.image_size, L = data.max_query_len): image [B,3,S,S] float32,
+image_mask [B,S,S] bool (True on padding), input_ids / attention_mask [B,L] int64, boxes [B,4]
+normalised cxcywh in the padded frame, phrases (after the flip word-swap), orig_boxes [B,4]
+pixel xyxy in the original image, scale [B] and pad [B,2] (orig_px = (padded_px - pad) / scale),
+orig_size [B,2] (width, height), index [B] (row index in the split).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vgdistill.data.images import load_image
+from vgdistill.data.prepare import load_prepared
+from vgdistill.data.transforms import GroundingTransform
+
+if TYPE_CHECKING:
+    import datasets
+
+    from vgdistill.recipe import DataConfig
+
+__all__ = ["GroundingDataset", "build_loader", "collate", "encode_phrase", "load_prepared"]
+
+log = logging.getLogger("vgdistill")
+_warned_truncation = False
+
+
+def _warn_truncated(phrase: str, n_tokens: int, max_len: int) -> None:
+    global _warned_truncation
+    if not _warned_truncation:
+        _warned_truncation = True
+        log.warning(
+            "phrases longer than data.max_query_len=%d tokens are truncated (first: %r, %d "
+            "tokens); raise data.max_query_len to keep them whole (shown once)",
+            max_len,
+            phrase,
+            n_tokens,
+        )
+
+
+def encode_phrase(tokenizer: Any, phrase: str, max_len: int) -> tuple[list[int], list[int]]:
+    """[CLS] + word pieces (first max_len - 2) + [SEP], zero-padded: (input_ids, attention_mask)."""
+    ids = tokenizer(phrase, add_special_tokens=True, truncation=False)["input_ids"]
+    if len(ids) > max_len:
+        _warn_truncated(phrase, len(ids), max_len)
+        ids = tokenizer(phrase, add_special_tokens=True, truncation=True, max_length=max_len)[
+            "input_ids"
+        ]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    n = len(ids)
+    return list(ids) + [pad_id] * (max_len - n), [1] * n + [0] * (max_len - n)
+
+
+class GroundingDataset(Dataset):
+    """A prepared split as model inputs; augmentation only when `train and augment`."""
+
+    def __init__(
+        self,
+        hf_split: datasets.Dataset,
+        tokenizer: Any,
+        image_size: int,
+        max_query_len: int,
+        train: bool,
+        augment: bool,
+    ) -> None:
+        import datasets
+
+        if "image" in hf_split.column_names:
+            # Bytes in, pixels decoded by load_image: one decoder for prepare, training and
+            # predict (EXIF, modes and limits handled the same way everywhere).
+            hf_split = hf_split.cast_column("image", datasets.Image(decode=False))
+        self.data = hf_split
+        self.tokenizer = tokenizer
+        self.max_query_len = int(max_query_len)
+        self.train = train
+        self.transform = GroundingTransform(image_size, augment=train and augment)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _rng(self) -> random.Random:
+        # Drawn from torch's generator, which DataLoader seeds per worker from the loader's
+        # seeded generator: augmentations are reproducible for a given seed and worker count.
+        return random.Random(int(torch.randint(0, 2**62, ()).item()))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        row = self.data[int(index)]
+        img_field = row["image"]
+        name = f"{row.get('source', 'dataset')} row {index} (image {row.get('image_id')})"
+        src = img_field["bytes"] if img_field.get("bytes") else img_field["path"]
+        img = load_image(src, name=name)
+        orig = np.asarray(row["bbox"], dtype=np.float64)
+        rng = self._rng() if self.transform.augment else None
+        out = self.transform(img, orig, row["expression"], rng)
+        ids, mask = encode_phrase(self.tokenizer, out.phrase, self.max_query_len)
+        return {
+            "image": out.image,
+            "image_mask": out.mask,
+            "input_ids": torch.tensor(ids, dtype=torch.int64),
+            "attention_mask": torch.tensor(mask, dtype=torch.int64),
+            "boxes": out.box,
+            "phrases": out.phrase,
+            "orig_boxes": torch.tensor(orig, dtype=torch.float32),
+            "scale": torch.tensor(out.scale, dtype=torch.float32),
+            "pad": torch.tensor(out.pad, dtype=torch.float32),
+            "orig_size": torch.tensor([img.width, img.height], dtype=torch.int64),
+            "index": torch.tensor(int(index), dtype=torch.int64),
+        }
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack per-sample tensors into the batch dict; phrases stay a list of str."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    batch: dict[str, Any] = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        batch[key] = values if key == "phrases" else torch.stack(values)
+    return batch
+
+
+def build_loader(
+    hf_split: datasets.Dataset,
+    tokenizer: Any,
+    data_cfg: DataConfig,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    num_workers: int | None = None,
+) -> DataLoader:
+    """A DataLoader over a prepared split: shuffled by a seeded generator when `train`."""
+    dataset = GroundingDataset(
+        hf_split,
+        tokenizer,
+        image_size=data_cfg.image_size,
+        max_query_len=data_cfg.max_query_len,
+        train=train,
+        augment=data_cfg.augment,
+    )
+    workers = data_cfg.num_workers if num_workers is None else int(num_workers)
+    if workers > 0:
+        # Fast tokenizers warn (and may deadlock) when their thread pool is forked.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        generator=generator,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        drop_last=False,
+    )

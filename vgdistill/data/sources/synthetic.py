@@ -1,0 +1,66 @@
+"""The `shapes` source: a synthetic grounding benchmark generated from a seed, no files needed.
+
+The generator itself lives in `vgdistill/data/shapes.py` (`generate_rows(seed, counts,
+image_size)`); this module only turns its rows into RawRows and decides the split sizes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+from vgdistill.data.sources.base import RawRow, SourceArgs
+from vgdistill.errors import VGError
+
+
+def shapes_counts(args: SourceArgs) -> dict[str, int]:
+    """Rows per split: --split-rows, else --rows in DEFAULT_COUNTS' proportions, else those."""
+    from vgdistill.data.shapes import DEFAULT_COUNTS
+
+    if args.split_rows:
+        counts = dict(args.split_rows)
+    elif args.rows is not None:
+        total = sum(DEFAULT_COUNTS.values())
+        counts = {s: int(args.rows * n / total) for s, n in DEFAULT_COUNTS.items()}
+        # Rounding leftovers go to train, so the total is exactly --rows.
+        counts["train"] += args.rows - sum(counts.values())
+    else:
+        counts = dict(DEFAULT_COUNTS)
+    if args.splits is not None:
+        counts = {s: n for s, n in counts.items() if s in args.splits}
+    bad = {s: n for s, n in counts.items() if n < 0}
+    if bad:
+        raise VGError(f"row counts must be >= 0, got {bad}")
+    if sum(counts.values()) <= 0:
+        raise VGError("shapes: nothing to generate; give --rows N (N > 0)")
+    return counts
+
+
+def _module_path() -> Path:
+    spec = importlib.util.find_spec("vgdistill.data.shapes")
+    if spec is None or spec.origin is None:
+        raise VGError("the shapes generator (vgdistill/data/shapes.py) is not installed")
+    return Path(spec.origin)
+
+
+def shapes_inputs(args: SourceArgs) -> list[Path]:
+    """The generator's own file: editing it must invalidate a cached dataset."""
+    shapes_counts(args)
+    return [_module_path()]
+
+
+def shapes_rows(args: SourceArgs) -> Iterator[RawRow]:
+    """Rows from vgdistill.data.shapes.generate_rows (imported lazily: it is only needed here)."""
+    from vgdistill.data import shapes
+
+    counts = shapes_counts(args)
+    for row in shapes.generate_rows(seed=args.seed, counts=counts, image_size=args.image_size):
+        yield RawRow(
+            image=row["image"],
+            expression=row["expression"],
+            bbox_xyxy=tuple(float(v) for v in row["bbox_xyxy"]),  # type: ignore[arg-type]
+            image_id=str(row["image_id"]),
+            ref_id=str(row["ref_id"]),
+            split=str(row["split"]),
+        )

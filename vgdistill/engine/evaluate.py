@@ -1,0 +1,277 @@
+"""Evaluation: Acc@0.5, Acc@0.75 and mean IoU per split, exact under several processes.
+
+Boxes are compared in ORIGINAL image pixels, as the TransVG reference does: the predicted
+normalised cxcywh box in the padded SxS frame is mapped back with the batch's pad and scale.
+Under N processes every process evaluates a shard; `gather_for_metrics` drops the samples
+Accelerate repeats to even out the last batch, and rows are also de-duplicated by their
+"index" so the count equals the split size exactly.
+
+Metrics are fractions in [0, 1]; tables print them as percentages.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vgdistill.errors import VGError
+from vgdistill.models.boxes import cxcywh_to_xyxy, paired_box_iou
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from vgdistill.recipe import Recipe
+
+CONTROLS = ("shuffle",)
+METRIC_KEYS = ("acc50", "acc75", "miou", "count")
+
+
+def multiprocess_cpu() -> bool:
+    """True under a multi-process launch on a machine without a GPU.
+
+    Accelerate then needs `cpu=True` to join the processes over gloo; without it each process
+    would silently train alone (torchrun / `accelerate launch --multi_gpu` on a CPU box).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    return world > 1 and not torch.cuda.is_available() and not xpu
+
+
+def make_accelerator(mixed_precision: str = "no", **kwargs: Any) -> Accelerator:
+    """An Accelerator for this machine; fp16 (GPU only) falls back to fp32 on the CPU."""
+    from accelerate import Accelerator
+
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        mixed_precision = "no"
+    return Accelerator(mixed_precision=mixed_precision, cpu=multiprocess_cpu(), **kwargs)
+
+
+def to_original_xyxy(
+    pred_cxcywh: torch.Tensor,
+    image_size: int,
+    scale: torch.Tensor,
+    pad: torch.Tensor,
+    orig_size: torch.Tensor,
+) -> torch.Tensor:
+    """Map normalised cxcywh boxes in the padded SxS frame to xyxy pixels of the original image."""
+    xyxy = cxcywh_to_xyxy(pred_cxcywh.float() * image_size)
+    # orig_px = (padded_px - pad) / scale, pad = (left, top)
+    offset = pad.float().repeat(1, 2)
+    out = (xyxy - offset) / scale.float().view(-1, 1)
+    w = orig_size[:, 0].float().view(-1, 1)
+    h = orig_size[:, 1].float().view(-1, 1)
+    limits = torch.cat([w, h, w, h], dim=1)
+    return torch.minimum(out.clamp(min=0), limits)
+
+
+def shuffle_phrases(hf_split: Any, seed: int) -> Any:
+    """The split with every row's phrase taken from another row (a seeded derangement).
+
+    A model that grounds the language should fall towards a no-language baseline on it.
+    """
+    import numpy as np
+
+    phrases = list(hf_split["expression"])
+    n = len(phrases)
+    if n < 2:
+        return hf_split
+    perm = np.random.default_rng(seed).permutation(n)
+    shuffled = [""] * n
+    # Row perm[i] receives the phrase of row perm[i+1]: a single cycle, so no row keeps its own.
+    for i in range(n):
+        shuffled[perm[i]] = phrases[perm[(i + 1) % n]]
+    return hf_split.remove_columns(["expression"]).add_column("expression", shuffled)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate_loader(
+    model: torch.nn.Module,
+    loader: Any,
+    accelerator: Accelerator,
+    image_size: int,
+    expected: int | None = None,
+) -> dict[str, float]:
+    """Metrics of `model` over a prepared eval loader; every process gets the same dict."""
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    indices, ious = [], []
+    _sync(device)
+    start = time.perf_counter()
+    try:
+        for batch in loader:
+            with accelerator.autocast():
+                out = model(
+                    batch["image"],
+                    batch["image_mask"],
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                )
+            pred = to_original_xyxy(
+                out.pred_boxes, image_size, batch["scale"], batch["pad"], batch["orig_size"]
+            )
+            iou = paired_box_iou(pred, batch["orig_boxes"].float())
+            index, iou = accelerator.gather_for_metrics((batch["index"], iou))
+            indices.append(index.cpu())
+            ious.append(iou.float().cpu())
+        _sync(device)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    if indices:
+        index = torch.cat(indices)
+        iou = torch.cat(ious)
+        # Keep one IoU per row index (uneven last batches are padded by repeating rows).
+        unique, first = _first_occurrence(index)
+        iou = iou[first]
+    else:
+        unique, iou = torch.zeros(0, dtype=torch.long), torch.zeros(0)
+    count = int(unique.numel())
+    if expected is not None and count != expected:
+        raise RuntimeError(f"evaluation saw {count} distinct rows, the split has {expected}")
+    return {
+        "acc50": float((iou >= 0.5).float().mean()) if count else 0.0,
+        "acc75": float((iou >= 0.75).float().mean()) if count else 0.0,
+        "miou": float(iou.mean()) if count else 0.0,
+        "count": count,
+        "images_per_s": count / seconds if seconds > 0 else 0.0,
+        "seconds": seconds,
+    }
+
+
+def _first_occurrence(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct values of `index` and the position of each one's first occurrence."""
+    unique, inverse = torch.unique(index, return_inverse=True)
+    positions = torch.arange(index.numel())
+    first = torch.full((unique.numel(),), index.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, positions, reduce="amin")
+    return unique, first
+
+
+def _eval_loader(
+    hf_split: Any, tokenizer: Any, recipe: Recipe, batch_size: int, accelerator: Accelerator
+) -> Any:
+    """A plain (no shuffle, no augmentation) loader sharded across the processes."""
+    from accelerate.data_loader import prepare_data_loader
+
+    from vgdistill.data.loader import build_loader
+
+    loader = build_loader(
+        hf_split, tokenizer, recipe.data, batch_size, train=False, seed=recipe.train.seed
+    )
+    # Not accelerator.prepare(): that would register the loader for checkpointing and keep a
+    # reference to it for the life of the run; sharding and device placement are all we need.
+    return prepare_data_loader(
+        loader,
+        device=accelerator.device,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        put_on_device=True,
+        non_blocking=accelerator.device.type == "cuda",
+    )
+
+
+def load_splits(data_path: str | Path, splits: list[str]) -> Any:
+    """The prepared DatasetDict, checked to hold every split asked for."""
+    from vgdistill.data.loader import load_prepared
+
+    data = load_prepared(data_path)
+    missing = [s for s in splits if s not in data]
+    if missing:
+        raise VGError(
+            f"{data_path} has no split {', '.join(map(repr, missing))}; "
+            f"it has: {', '.join(data.keys())} (choose with --split or eval.splits)"
+        )
+    return data
+
+
+def evaluate(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    splits: list[str],
+    data_path: str | Path | None = None,
+    control: str | None = None,
+    accelerator: Accelerator | None = None,
+    *,
+    dataset: Any = None,
+    tokenizer: Any = None,
+    batch_size: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate `model` on each split: {split: {acc50, acc75, miou, count, images_per_s, seconds}}.
+
+    With control='shuffle' each split's dict also holds "shuffle": the same metrics with the
+    phrases shuffled across rows. `dataset` (a loaded DatasetDict) and `tokenizer` avoid
+    reloading them when the caller has them already; every process must call this.
+    """
+    if control is not None and control not in CONTROLS:
+        raise VGError(f"unknown control {control!r}; valid: {', '.join(CONTROLS)}")
+    if accelerator is None:
+        accelerator = make_accelerator(recipe.train.mixed_precision)
+    if dataset is None:
+        dataset = load_splits(data_path or recipe.data.path, splits)
+    else:
+        missing = [s for s in splits if s not in dataset]
+        if missing:
+            raise VGError(
+                f"the dataset has no split {', '.join(map(repr, missing))}; "
+                f"it has: {', '.join(dataset.keys())}"
+            )
+    if tokenizer is None:
+        from vgdistill.models.factory import build_tokenizer
+
+        tokenizer = build_tokenizer(recipe.model)
+    batch_size = batch_size or recipe.eval.batch_size
+    size = recipe.data.image_size
+
+    results: dict[str, dict[str, Any]] = {}
+    for split in splits:
+        hf_split = dataset[split]
+        loader = _eval_loader(hf_split, tokenizer, recipe, batch_size, accelerator)
+        metrics: dict[str, Any] = evaluate_loader(model, loader, accelerator, size, len(hf_split))
+        if control == "shuffle":
+            shuffled = shuffle_phrases(hf_split, recipe.train.seed)
+            loader = _eval_loader(shuffled, tokenizer, recipe, batch_size, accelerator)
+            control_metrics = evaluate_loader(model, loader, accelerator, size, len(hf_split))
+            metrics["shuffle"] = {k: control_metrics[k] for k in METRIC_KEYS}
+        results[split] = metrics
+    return results
+
+
+def results_table(results: dict[str, dict[str, Any]], title: str = "Evaluation") -> Any:
+    """A rich Table of `evaluate` results (percentages; shuffle-control columns when present)."""
+    from rich.table import Table
+
+    control = any("shuffle" in m for m in results.values())
+    table = Table(title=title)
+    table.add_column("split")
+    table.add_column("count", justify="right")
+    table.add_column("Acc@0.5", justify="right")
+    table.add_column("Acc@0.75", justify="right")
+    table.add_column("mIoU", justify="right")
+    if control:
+        table.add_column("Acc@0.5 shuffled", justify="right")
+        table.add_column("mIoU shuffled", justify="right")
+    table.add_column("images/s", justify="right")
+    for split, m in results.items():
+        row = [
+            split,
+            str(m["count"]),
+            f"{100 * m['acc50']:.2f}",
+            f"{100 * m['acc75']:.2f}",
+            f"{100 * m['miou']:.2f}",
+        ]
+        if control:
+            s = m.get("shuffle")
+            row += [f"{100 * s['acc50']:.2f}", f"{100 * s['miou']:.2f}"] if s else ["-", "-"]
+        row.append(f"{m['images_per_s']:.1f}")
+        table.add_row(*row)
+    return table

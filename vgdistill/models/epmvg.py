@@ -1,0 +1,289 @@
+"""EpmVG: the TransVG grounding model plus the projections of its CLIP distillation.
+
+Forward: visual tokens (backbone + DETR encoder) and BERT text tokens are projected to the
+fusion width, concatenated after a learned [REG] token as `[REG], text, visual`, and run
+through the fusion transformer with a learned position embedding and both padding masks.
+The [REG] output goes through a 3-layer MLP and a sigmoid: a normalised (cx, cy, w, h) box.
+
+Distillation (DESIGN.md section 1): one student feature per modality is taken at
+`distill.position` -- `fusion` (fusion output at the first text / first visual token),
+`linear` (outputs of text_proj / visu_proj) or `backbone` (branch outputs before those
+projections) -- pooled (`first` token or masked `mean`), and mapped by its own Linear to the
+teacher's embedding size. The teacher itself is not part of this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vgdistill.models.backbones import Backbone
+from vgdistill.models.boxes import cxcywh_to_xyxy, paired_generalized_box_iou
+from vgdistill.models.layers import MLP, Attention, TransformerEncoder
+from vgdistill.models.text import TextBranch
+from vgdistill.models.visual import VisualBranch
+
+MODALITIES = {
+    "both": (True, True),
+    "image": (True, False),
+    "text": (False, True),
+    "none": (False, False),
+}
+
+
+@dataclass
+class GroundingOutput:
+    """What the model returns for a batch."""
+
+    pred_boxes: Tensor
+    """[B,4] normalised (cx, cy, w, h) in (0, 1), float32."""
+    student_img: Tensor | None = None
+    """[B,E] student image feature projected to the teacher size (None when not distilled)."""
+    student_txt: Tensor | None = None
+    """[B,E] student text feature projected to the teacher size (None when not distilled)."""
+    attention: Tensor | None = None
+    """[B,N] last fusion layer's [REG] -> visual attention (head mean), when requested."""
+    feature_hw: tuple[int, int] | None = None
+    """(h, w) of the visual token grid; attention.view(B, h, w) is a heat map."""
+
+
+def distill_loss(student: Tensor, teacher: Tensor, kind: str) -> Tensor:
+    """Distance between student features and teacher embeddings, both [B,E].
+
+    cosine: mean over the batch of 1 - cos(s, t) (the paper's loss);
+    l1 / mse: mean absolute / squared difference over all elements, against the raw
+    (unnormalised) CLIP embedding.
+    """
+    student, teacher = student.float(), teacher.float().to(student.device)
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    if kind == "l1":
+        return F.l1_loss(student, teacher)
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    raise ValueError(f"unknown distillation loss {kind!r}")
+
+
+def box_losses(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """TransVG's box losses on normalised cxcywh: (sum |pred - target| / B, mean(1 - GIoU))."""
+    pred, target = pred.float(), target.float().to(pred.device)
+    l1 = (pred - target).abs().sum() / pred.shape[0]
+    giou = paired_generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target))
+    return l1, (1.0 - giou).mean()
+
+
+def _pool(tokens: Tensor, pad: Tensor, how: str) -> Tensor:
+    """[B,N,C] -> [B,C]: the first token, or the mean over non-padding tokens."""
+    if how == "first":
+        return tokens[:, 0]
+    keep = (~pad).to(tokens.dtype).unsqueeze(-1)
+    return (tokens * keep).sum(1) / keep.sum(1).clamp(min=1.0)
+
+
+class EpmVG(nn.Module):
+    """TransVG student + distillation projections (see the module docstring)."""
+
+    def __init__(
+        self,
+        model_cfg: Any,
+        distill_cfg: Any,
+        image_size: int,
+        max_query_len: int,
+        backbone: Backbone,
+        bert: Any,
+        embed_dim: int = 0,
+    ) -> None:
+        super().__init__()
+        m = model_cfg
+        dim = m.hidden_dim
+        self.position, self.pool, self.loss_kind = (
+            distill_cfg.position,
+            distill_cfg.pool,
+            distill_cfg.loss,
+        )
+        self.alpha, self.beta = distill_cfg.alpha, distill_cfg.beta
+        self.max_query_len = max_query_len
+        self.visual = VisualBranch(backbone, dim, m.enc_layers, m.enc_heads, m.enc_ffn, m.dropout)
+        self.text = TextBranch(bert)
+        side = backbone.feature_size(image_size)
+        self.num_visual = side * side
+        # Names and shapes as in TransVG (reg_token / vl_pos_embed are nn.Embedding there too).
+        self.visu_proj = nn.Linear(dim, dim)
+        self.text_proj = nn.Linear(self.text.num_channels, dim)
+        self.reg_token = nn.Embedding(1, dim)
+        self.vl_pos_embed = nn.Embedding(1 + max_query_len + self.num_visual, dim)
+        self.fusion = TransformerEncoder(
+            m.fusion_layers, dim, m.fusion_heads, m.fusion_ffn, m.dropout
+        )
+        self.bbox_embed = MLP(dim, dim, 4, 3)
+        use_img, use_txt = MODALITIES[distill_cfg.modality]
+        if (use_img or use_txt) and embed_dim <= 0:
+            raise ValueError("distillation needs the teacher embedding size (embed_dim > 0)")
+        self.embed_dim = embed_dim if (use_img or use_txt) else 0
+        before = self.position == "backbone"
+        self.distill_img = nn.Linear(dim, embed_dim) if use_img else None
+        self.distill_txt = (
+            nn.Linear(self.text.num_channels if before else dim, embed_dim) if use_txt else None
+        )
+        self._channels_last = bool(m.channels_last)
+        self.set_fast_path(True)
+
+    # ---- speed switches -------------------------------------------------------------------
+    def set_fast_path(self, fast: bool = True) -> None:
+        """fast: SDPA attention everywhere (+ channels_last CNN if model.channels_last).
+
+        fast=False is the plain path (explicit softmax attention, contiguous tensors) that
+        the tests compare against; the numbers agree within float tolerance.
+        """
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fast = fast
+        self.text.set_fast(fast)
+        self.visual.backbone.set_channels_last(fast and self._channels_last)
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(
+        self,
+        image: Tensor,
+        image_mask: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        return_attention: bool = False,
+    ) -> GroundingOutput:
+        """Predict one box per (image, phrase) pair; see GroundingOutput."""
+        vis, vis_pad, hw = self.visual(image, image_mask.bool())
+        txt = self.text(input_ids, attention_mask)
+        txt_pad = attention_mask == 0
+        b, n_txt = input_ids.shape
+        total = 1 + n_txt + vis.shape[1]
+        if total != self.vl_pos_embed.num_embeddings:
+            raise ValueError(
+                f"got {n_txt} text + {vis.shape[1]} visual tokens, but the model was built for "
+                f"{self.max_query_len} + {self.num_visual} (data.max_query_len / data.image_size)"
+            )
+        vis_p = self.visu_proj(vis)
+        txt_p = self.text_proj(txt)
+        reg = self.reg_token.weight.expand(b, 1, -1).to(vis_p.dtype)
+        x = torch.cat([reg, txt_p.to(vis_p.dtype), vis_p], dim=1)
+        pad = torch.cat([vis_pad.new_zeros(b, 1), txt_pad, vis_pad], dim=1)
+        pos = self.vl_pos_embed.weight.unsqueeze(0).to(x.dtype)
+        h, weights = self.fusion(x, pos, pad, first_query_weights=return_attention)
+        boxes = self.bbox_embed(h[:, 0]).float().sigmoid()
+        out = GroundingOutput(pred_boxes=boxes, feature_hw=hw)
+        if return_attention and weights is not None:
+            out.attention = weights[:, 1 + n_txt :]
+        if self.distill_img is not None or self.distill_txt is not None:
+            if self.position == "fusion":
+                img_tok, txt_tok = h[:, 1 + n_txt :], h[:, 1 : 1 + n_txt]
+            elif self.position == "linear":
+                img_tok, txt_tok = vis_p, txt_p
+            else:
+                img_tok, txt_tok = vis, txt
+            if self.distill_img is not None:
+                out.student_img = self.distill_img(_pool(img_tok, vis_pad, self.pool)).float()
+            if self.distill_txt is not None:
+                out.student_txt = self.distill_txt(_pool(txt_tok, txt_pad, self.pool)).float()
+        return out
+
+    # ---- loss -----------------------------------------------------------------------------
+    def distill_losses(
+        self, output: GroundingOutput, teacher_img: Tensor | None, teacher_txt: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """(L_dv, L_dl): image and text distillation losses (0 for a modality that is off)."""
+        zero = output.pred_boxes.new_zeros(())
+        l_img = l_txt = zero
+        if output.student_img is not None:
+            if teacher_img is None:
+                raise ValueError("image distillation is on but no teacher image embedding given")
+            l_img = distill_loss(output.student_img, teacher_img, self.loss_kind)
+        if output.student_txt is not None:
+            if teacher_txt is None:
+                raise ValueError("text distillation is on but no teacher text embedding given")
+            l_txt = distill_loss(output.student_txt, teacher_txt, self.loss_kind)
+        return l_img, l_txt
+
+    def loss(
+        self,
+        output: GroundingOutput,
+        batch: dict[str, Any],
+        teacher_img: Tensor | None = None,
+        teacher_txt: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """L1 + GIoU + alpha * L_dv + beta * L_dl, and its parts (detached) for logging."""
+        l1, giou = box_losses(output.pred_boxes, batch["boxes"])
+        l_img, l_txt = self.distill_losses(output, teacher_img, teacher_txt)
+        total = l1 + giou + self.alpha * l_img + self.beta * l_txt
+        parts = {
+            "loss_l1": l1.detach(),
+            "loss_giou": giou.detach(),
+            "loss_distill_img": l_img.detach(),
+            "loss_distill_txt": l_txt.detach(),
+        }
+        return total, parts
+
+    # ---- optimisation ---------------------------------------------------------------------
+    def _groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {
+            "backbone": [],
+            "encoder": [],
+            "text": [],
+            "rest": [],
+        }
+        for name, p in self.named_parameters():
+            if name.startswith("visual.backbone."):
+                groups["backbone"].append((name, p))
+            elif name.startswith(("visual.input_proj.", "visual.encoder.")):
+                groups["encoder"].append((name, p))
+            elif name.startswith("text."):
+                groups["text"].append((name, p))
+            else:
+                groups["rest"].append((name, p))
+        return groups
+
+    def apply_freezing(self, train_cfg: Any) -> None:
+        """requires_grad_(False) on every part whose learning rate is 0."""
+        lrs = {
+            "backbone": train_cfg.lr_backbone,
+            "encoder": train_cfg.lr_encoder,
+            "text": train_cfg.lr_text,
+            "rest": train_cfg.lr,
+        }
+        for group, params in self._groups().items():
+            if lrs[group] == 0:
+                for _, p in params:
+                    p.requires_grad_(False)
+
+    def param_groups(self, train_cfg: Any) -> list[dict[str, Any]]:
+        """AdamW groups: backbone, encoder (input_proj + DETR encoder), text (BERT), rest.
+
+        A part with lr 0 is frozen and left out; parameters frozen by design (ResNet stem and
+        layer1, as DETR) are never in a group.
+        """
+        self.apply_freezing(train_cfg)
+        lrs = {
+            "backbone": train_cfg.lr_backbone,
+            "encoder": train_cfg.lr_encoder,
+            "text": train_cfg.lr_text,
+            "rest": train_cfg.lr,
+        }
+        out = []
+        for group, params in self._groups().items():
+            trainable = [p for _, p in params if p.requires_grad]
+            if lrs[group] > 0 and trainable:
+                out.append(
+                    {
+                        "name": group,
+                        "params": trainable,
+                        "lr": lrs[group],
+                        "weight_decay": train_cfg.weight_decay,
+                    }
+                )
+        return out
+
+    def arch(self) -> dict[str, Any]:
+        """Facts beyond the recipe needed to rebuild this architecture without any file."""
+        return {"embed_dim": self.embed_dim, "bert_config": self.text.bert.config.to_dict()}

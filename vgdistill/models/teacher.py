@@ -1,0 +1,297 @@
+"""The EpmVG teacher: an open_clip CLIP whose image and text embeddings are the targets.
+
+Frozen (the paper's setting) it stays in eval mode whatever `.train()` is called with, takes
+no gradient, runs under `torch.inference_mode` (in bf16 on a GPU by default), and caches the
+text embedding of each distinct phrase, so a phrase seen in an earlier epoch costs nothing.
+Its image input is built on the image's device from the student's ImageNet-normalised image:
+resize to the teacher's input size, then the teacher's own mean/std.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vgdistill.errors import VGError
+
+log = logging.getLogger("vgdistill")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CONFIG_DIR = Path(__file__).parent / "clip_configs"
+LOCAL_CONFIG = "open_clip_config.json"
+LOCAL_WEIGHTS = "open_clip_model.safetensors"
+_registered = False
+
+
+def _open_clip() -> Any:
+    """Import open_clip with vgdistill's model configs (vgd-tiny-clip) registered."""
+    global _registered
+    import open_clip
+
+    if not _registered:
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+    return open_clip
+
+
+def teacher_folder(name: str) -> Path | None:
+    """The local-dir folder named by distill.teacher, or None when it is an open_clip name."""
+    if name.startswith("local-dir:"):
+        name = name[len("local-dir:") :]
+    elif name.startswith("hf-hub:"):
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if "/" in name or name.startswith((".", "~")):
+        raise VGError(
+            f"distill.teacher: folder not found: {name} (write one with `vgdistill teacher`, "
+            "or give an open_clip model name such as ViT-B-16)"
+        )
+    return None
+
+
+def source_folder(distill_cfg: Any) -> Path | None:
+    """The local-dir folder to load: distill.teacher, else teacher_pretrained if it is a folder."""
+    folder = teacher_folder(distill_cfg.teacher)
+    pretrained = distill_cfg.teacher_pretrained
+    if folder is None and pretrained and Path(pretrained).expanduser().is_dir():
+        folder = Path(pretrained).expanduser()
+    return folder
+
+
+def _folder_config(folder: Path) -> dict[str, Any]:
+    path = folder / LOCAL_CONFIG
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return raw
+    except FileNotFoundError:
+        raise VGError(f"distill.teacher: {folder} has no {LOCAL_CONFIG}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VGError(f"distill.teacher: {path} is not valid JSON ({e})") from None
+
+
+def teacher_model_config(distill_cfg: Any) -> dict[str, Any]:
+    """The open_clip model config (embed_dim, vision_cfg, text_cfg) of distill.teacher."""
+    folder = source_folder(distill_cfg)
+    if folder is not None:
+        cfg = _folder_config(folder).get("model_cfg")
+        if not isinstance(cfg, dict):
+            raise VGError(f"distill.teacher: {folder / LOCAL_CONFIG} has no 'model_cfg'")
+        return cfg
+    if distill_cfg.teacher.startswith("hf-hub:"):
+        raise VGError("distill.teacher: hf-hub models need a download; save them to a folder first")
+    cfg = _open_clip().get_model_config(distill_cfg.teacher)
+    if cfg is None:
+        raise VGError(
+            f"distill.teacher: unknown open_clip model {distill_cfg.teacher!r} "
+            "(see open_clip.list_models(), or give a folder written by `vgdistill teacher`)"
+        )
+    return cfg
+
+
+def teacher_embed_dim(distill_cfg: Any) -> int:
+    """CLIP embedding size E of distill.teacher, read from its config (no weights loaded)."""
+    return int(teacher_model_config(distill_cfg)["embed_dim"])
+
+
+class Teacher(nn.Module):
+    """A CLIP image/text encoder producing distillation targets [B,E]."""
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: Any,
+        model_cfg: dict[str, Any],
+        trainable: bool = False,
+        precision: str = "auto",
+        cache_size: int = 200_000,
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.model_cfg = model_cfg
+        self.embed_dim = int(model_cfg["embed_dim"])
+        self.trainable = trainable
+        self.precision = precision
+        self.cache_size = cache_size
+        self.cache: OrderedDict[str, Tensor] = OrderedDict()
+        self.cache_hits = 0
+        self.cache_misses = 0
+        pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
+        size = getattr(clip.visual, "image_size", pp.get("size", 224))
+        self.input_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.interpolation = pp.get("interpolation", "bicubic")
+        mean = torch.tensor(pp.get("mean", clip.visual.image_mean), dtype=torch.float32)
+        std = torch.tensor(pp.get("std", clip.visual.image_std), dtype=torch.float32)
+        in_mean = torch.tensor(IMAGENET_MEAN)
+        in_std = torch.tensor(IMAGENET_STD)
+        # ImageNet-normalised x -> teacher-normalised: (x * s_in + m_in - m_t) / s_t, one affine.
+        self.register_buffer("in_scale", (in_std / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "in_shift", ((in_mean - mean) / std).view(1, 3, 1, 1), persistent=False
+        )
+        if not trainable:
+            self.clip.requires_grad_(False)
+            self.clip.eval()
+        super().train(trainable)
+
+    @classmethod
+    def from_config(cls, distill_cfg: Any, load_weights: bool = True) -> Teacher:
+        """Build the teacher named by distill.teacher (+ distill.teacher_pretrained)."""
+        open_clip = _open_clip()
+        folder = source_folder(distill_cfg)
+        model_cfg = teacher_model_config(distill_cfg)
+        try:
+            if folder is not None:
+                name = f"local-dir:{folder}"
+                if load_weights and not (folder / LOCAL_WEIGHTS).is_file():
+                    raise VGError(f"distill.teacher: {folder} has no {LOCAL_WEIGHTS}")
+                clip = open_clip.create_model(
+                    name, load_weights=load_weights, pretrained_text=False
+                )
+            else:
+                name = distill_cfg.teacher
+                pretrained = distill_cfg.teacher_pretrained if load_weights else None
+                clip = open_clip.create_model(
+                    name, pretrained=pretrained or None, pretrained_text=False
+                )
+            tokenizer = open_clip.get_tokenizer(name)
+        except VGError:
+            raise
+        except Exception as e:  # open_clip reports missing tags/files/downloads as Runtime/OSError
+            raise VGError(
+                f"distill.teacher: could not build {distill_cfg.teacher!r} "
+                f"(pretrained {distill_cfg.teacher_pretrained!r}): {type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+            ) from None
+        return cls(
+            clip,
+            tokenizer,
+            model_cfg,
+            trainable=distill_cfg.teacher_trainable,
+            precision=distill_cfg.teacher_precision,
+        )
+
+    @property
+    def frozen(self) -> bool:
+        """True unless the teacher is trained too (an ablation)."""
+        return not self.trainable
+
+    def train(self, mode: bool = True) -> Teacher:
+        """A frozen teacher ignores train(): it stays in eval mode (no dropout, fixed targets)."""
+        return super().train(mode and self.trainable)
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """AdamW group for a trainable teacher (empty when frozen)."""
+        if self.frozen or lr == 0:
+            return []
+        params = [p for p in self.clip.parameters() if p.requires_grad]
+        return [{"name": "teacher", "params": params, "lr": lr, "weight_decay": weight_decay}]
+
+    def _run_dtype(self, device: torch.device) -> torch.dtype:
+        if self.trainable or self.precision == "fp32":
+            return torch.float32
+        if self.precision == "bf16" or device.type == "cuda":
+            return torch.bfloat16
+        return torch.float32
+
+    def _prepare(self, device: torch.device) -> torch.dtype:
+        dtype = self._run_dtype(device)
+        if next(self.clip.parameters()).dtype != dtype:
+            self.clip.to(dtype)
+            self.cache.clear()  # embeddings from the old precision would be mixed in
+        return dtype
+
+    def image_input(self, image: Tensor) -> Tensor:
+        """ImageNet-normalised [B,3,S,S] -> the teacher's input [B,3,s,s] (on the same device)."""
+        x = image.float()
+        if tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(
+                x,
+                size=self.input_size,
+                mode=self.interpolation,
+                align_corners=False,
+                antialias=self.interpolation in ("bilinear", "bicubic"),
+            )
+        return x * self.in_scale + self.in_shift
+
+    def encode(
+        self,
+        image: Tensor | None,
+        phrases: list[str] | None,
+        *,
+        want_image: bool = True,
+        want_text: bool = True,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """(image embeddings [B,E], phrase embeddings [B,E]) in float32; None where not wanted."""
+        device = self.in_scale.device
+        dtype = self._prepare(device)
+        img = txt = None
+        if self.frozen:
+            if want_image and image is not None:
+                with torch.inference_mode():
+                    out = self.clip.encode_image(self.image_input(image.to(device)).to(dtype))
+                # clone() outside inference mode: a normal tensor the student's loss can use.
+                img = out.float().clone()
+            if want_text and phrases is not None:
+                txt = self._cached_text(phrases, device)
+        else:
+            if want_image and image is not None:
+                img = self.clip.encode_image(self.image_input(image.to(device))).float()
+            if want_text and phrases is not None:
+                tokens = self.tokenizer(list(phrases)).to(device)
+                txt = self.clip.encode_text(tokens).float()
+        return img, txt
+
+    def _cached_text(self, phrases: list[str], device: torch.device) -> Tensor:
+        hits = sum(1 for p in phrases if p in self.cache)
+        self.cache_hits += hits
+        self.cache_misses += len(phrases) - hits
+        new = list(dict.fromkeys(p for p in phrases if p not in self.cache))
+        if new:
+            with torch.inference_mode():
+                emb = self.clip.encode_text(self.tokenizer(new).to(device))
+            for phrase, row in zip(new, emb, strict=True):
+                self.cache[phrase] = row.clone()
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        rows = []
+        for p in phrases:
+            row = self.cache.get(p)
+            if row is None:  # evicted by this very batch (cache smaller than the batch)
+                with torch.inference_mode():
+                    row = self.clip.encode_text(self.tokenizer([p]).to(device))[0].clone()
+            else:
+                self.cache.move_to_end(p)
+            rows.append(row.to(device))
+        return torch.stack(rows).float()
+
+    def save(self, folder: str | Path) -> None:
+        """Write the teacher in open_clip's local-dir layout (config + safetensors), atomically."""
+        from safetensors.torch import save_file
+
+        from vgdistill.atomic import build_dir
+
+        pp = dict(getattr(self.clip.visual, "preprocess_cfg", {}) or {})
+        preprocess = {
+            "mean": list(pp.get("mean", self.clip.visual.image_mean)),
+            "std": list(pp.get("std", self.clip.visual.image_std)),
+            "interpolation": pp.get("interpolation", "bicubic"),
+            "resize_mode": pp.get("resize_mode", "shortest"),
+        }
+        state = {
+            k: v.detach().float().contiguous().cpu() for k, v in self.clip.state_dict().items()
+        }
+        with build_dir(folder) as tmp:
+            save_file(state, str(tmp / LOCAL_WEIGHTS))
+            text = json.dumps({"model_cfg": self.model_cfg, "preprocess_cfg": preprocess}, indent=2)
+            (tmp / LOCAL_CONFIG).write_text(text, encoding="utf-8")

@@ -1,0 +1,109 @@
+"""TransVG's visual branch: backbone -> 1x1 projection -> DETR transformer encoder.
+
+Also reads a facebookresearch/detr checkpoint (the initialisation TransVG uses): its
+`backbone.0.body.*`, `input_proj.*` and `transformer.encoder.layers.N.*` tensors map onto
+this branch; DETR's decoder and detection heads are not part of TransVG and are skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vgdistill.errors import VGError
+from vgdistill.models.backbones import Backbone
+from vgdistill.models.layers import TransformerEncoder, sine_position_embedding
+
+log = logging.getLogger("vgdistill")
+
+# DETR key prefix -> this branch's key prefix.
+DETR_PREFIXES = {
+    "backbone.0.body.": "backbone.body.",
+    "input_proj.": "input_proj.",
+    "transformer.encoder.": "encoder.",
+}
+# Parts of a DETR checkpoint that TransVG does not use.
+DETR_UNUSED = ("transformer.decoder.", "query_embed.", "class_embed.", "bbox_embed.")
+
+
+class VisualBranch(nn.Module):
+    """Image + padding mask -> visual tokens [B,N,D] with their padding mask [B,N]."""
+
+    def __init__(
+        self, backbone: Backbone, dim: int, layers: int, heads: int, ffn: int, dropout: float
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.input_proj = nn.Conv2d(backbone.num_channels, dim, kernel_size=1)
+        self.encoder = TransformerEncoder(layers, dim, heads, ffn, dropout)
+        self.dim = dim
+
+    def forward(self, image: Tensor, image_mask: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        """image [B,3,S,S], image_mask [B,S,S] (True on padding) -> (tokens, pad mask, (h, w))."""
+        # Padding is 0 after normalisation in every loader here and in TransVG; forcing it to
+        # 0 makes the output independent of whatever values a caller leaves in the padding.
+        image = image.masked_fill(image_mask[:, None], 0.0)
+        feat = self.backbone(image)
+        h, w = feat.shape[-2:]
+        # Nearest-neighbour resize of the pixel mask to the feature grid, as DETR does.
+        mask = F.interpolate(image_mask[None].float(), size=(h, w)).bool()[0]
+        src = self.input_proj(feat).flatten(2).transpose(1, 2)
+        pos = sine_position_embedding(mask, self.dim, dtype=src.dtype)
+        pad = mask.flatten(1)
+        out, _ = self.encoder(src, pos, pad)
+        return out, pad, (h, w)
+
+
+def detr_to_visual_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Rename DETR keys to VisualBranch keys; returns (mapped, keys neither mapped nor skipped)."""
+    mapped, unknown = {}, []
+    for key, value in state.items():
+        for src, dst in DETR_PREFIXES.items():
+            if key.startswith(src):
+                mapped[dst + key[len(src) :]] = value
+                break
+        else:
+            if not key.startswith(DETR_UNUSED):
+                unknown.append(key)
+    return mapped, unknown
+
+
+def load_detr_checkpoint(visual: VisualBranch, path: str | Path) -> dict[str, list[str]]:
+    """Initialise backbone, input projection and encoder from a DETR checkpoint file.
+
+    Returns {"missing": [...], "unexpected": [...]} (also logged); shape mismatches are errors.
+    """
+    from vgdistill.models.files import load_state_file
+
+    state = load_state_file(path)
+    mapped, unknown = detr_to_visual_state(state)
+    if not mapped:
+        raise VGError(
+            f"{path}: no DETR weights found (expected keys such as backbone.0.body.conv1.weight, "
+            "transformer.encoder.layers.0.*, input_proj.weight)"
+        )
+    mapped = {k: v for k, v in mapped.items() if not k.endswith("num_batches_tracked")}
+    own = visual.state_dict()
+    bad = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in mapped.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if bad:
+        raise VGError(f"{path}: DETR weights do not fit this model: {'; '.join(bad[:3])}")
+    result = visual.load_state_dict(mapped, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    unexpected = list(result.unexpected_keys) + unknown
+    log.info(
+        "DETR init from %s: %d tensors loaded, %d missing%s, %d unexpected%s",
+        path,
+        len(mapped) - len(result.unexpected_keys),
+        len(missing),
+        f" ({', '.join(missing[:5])})" if missing else "",
+        len(unexpected),
+        f" ({', '.join(unexpected[:5])})" if unexpected else "",
+    )
+    return {"missing": missing, "unexpected": unexpected}
