@@ -20,9 +20,7 @@ def test_help_lists_the_five_main_commands():
         assert name in result.output
 
 
-@pytest.mark.parametrize(
-    "argv", [[c, "--help"] for c in COMMANDS] + [["recipe", "show", "--help"]]
-)
+@pytest.mark.parametrize("argv", [[c, "--help"] for c in COMMANDS] + [["recipe", "show", "--help"]])
 def test_every_subcommand_help_renders(argv):
     result = runner.invoke(app, argv)
     assert result.exit_code == 0, result.output

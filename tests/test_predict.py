@@ -114,8 +114,12 @@ def test_predict_matches_the_evaluation_pipeline(ckpt, tmp_path):
     predictor = Predictor(ckpt, "cpu")
     recipe = predictor.recipe
     ds = GroundingDataset(
-        split, build_tokenizer(recipe.model), recipe.data.image_size,
-        recipe.data.max_query_len, train=False, augment=False,
+        split,
+        build_tokenizer(recipe.model),
+        recipe.data.image_size,
+        recipe.data.max_query_len,
+        train=False,
+        augment=False,
     )
     batch = collate([ds[0]])
     with torch.no_grad():

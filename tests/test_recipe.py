@@ -80,8 +80,10 @@ def test_circular_extends(tmp_path):
 
 
 def test_set_overrides_are_toml_and_validated():
-    r = load_recipe(RECIPES[0].parent / "tiny.toml", ["train.lr=3e-4", "model.backbone=resnet50",
-                                                      "eval.splits=['val']"])
+    r = load_recipe(
+        RECIPES[0].parent / "tiny.toml",
+        ["train.lr=3e-4", "model.backbone=resnet50", "eval.splits=['val']"],
+    )
     assert r.train.lr == 3e-4 and r.model.backbone == "resnet50" and r.eval.splits == ["val"]
     with pytest.raises(VGError, match="did you mean train.epochs"):
         load_recipe(RECIPES[0].parent / "tiny.toml", ["train.epoch=3"])
@@ -90,8 +92,9 @@ def test_set_overrides_are_toml_and_validated():
 
 
 def test_recipe_show_prints_resolved(tmp_path):
-    result = runner.invoke(app, ["recipe", "show", str(RECIPES[0].parent / "tiny.toml"),
-                                 "--set", "train.lr=0.5"])
+    result = runner.invoke(
+        app, ["recipe", "show", str(RECIPES[0].parent / "tiny.toml"), "--set", "train.lr=0.5"]
+    )
     assert result.exit_code == 0
     assert "lr = 0.5" in result.output and 'backbone = "tiny_cnn"' in result.output
 

@@ -149,6 +149,12 @@ def resolve(parsed: dict, objects: list[dict], rng: random.Random | None = None)
     return out
 
 
+def _gap(a: list[float], b: list[float]) -> float:
+    dx = max(0.0, a[0] - b[2], b[0] - a[2])
+    dy = max(0.0, a[1] - b[3], b[1] - a[3])
+    return math.hypot(dx, dy)
+
+
 def _iou(a: list[float], b: list[float]) -> float:
     w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -189,6 +195,8 @@ def test_same_seed_same_bytes_and_splits_independent() -> None:
     # A split generated alone equals the same split inside a larger run (parallel-safe).
     alone = list(generate_rows(11, {"testB": 5}))
     assert alone == [r for r in a if r["split"] == "testB"]
+    # A smaller count is a prefix of a larger one (an odd count included).
+    assert list(generate_rows(11, {"testB": 3})) == alone[:3]
     assert DESCRIPTION and set(DEFAULT_COUNTS) == {"train", "val", "testA", "testB"}
 
 
@@ -238,8 +246,17 @@ def test_every_phrase_picks_exactly_its_target(rows: list[dict]) -> None:
     for r in rows:
         assert set(r["expression"].split()) <= VOCAB, r["expression"]
         assert len(r["expression"].split()) <= 10
-        picked = resolve(parse(r["expression"]), r["objects"])
+        parsed = parse(r["expression"])
+        picked = resolve(parsed, r["objects"])
         assert picked == [r["target"]], (r["expression"], r["objects"], r["target"])
+        if parsed.get("relation") == "near":
+            # "Next to" holds edge to edge too, not only centre to centre.
+            ref = resolve({"desc": parsed["ref"]}, r["objects"])[0]
+            group = resolve({"desc": parsed["desc"]}, r["objects"])
+            gaps = {
+                i: _gap(r["objects"][i]["bbox_xyxy"], r["objects"][ref]["bbox_xyxy"]) for i in group
+            }
+            assert min(gaps, key=gaps.get) == r["target"], r["expression"]
         target = r["objects"][r["target"]]
         others = [o for i, o in enumerate(r["objects"]) if i != r["target"]]
         # A distractor shares the target's colour or shape: one word alone never suffices.

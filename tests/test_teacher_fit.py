@@ -1,8 +1,9 @@
 """`vgdistill teacher`: a CLIP teacher fitted on a tiny prepared dataset of coloured squares.
 
-Each image holds two squares of different colours; its two rows are "the <colour> square on
-the <side>" for each. A teacher that learned anything ranks the right phrases/images first far
-more often than chance; the saved folder must load through open_clip's own entry points.
+Each image holds two squares of different colours (8 colours); its two rows are "the <colour>
+square" for each, so an image has two positive phrases and a phrase many positive images. A
+teacher that learned anything ranks a right phrase/image first far more often than chance; the
+saved folder must load through open_clip's own entry points and vgdistill's Teacher.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ COLOURS = {
     "yellow": (235, 210, 40),
     "purple": (150, 60, 200),
     "white": (250, 250, 250),
+    "black": (10, 10, 10),
+    "cyan": (40, 220, 230),
 }
 ARCH = "vgdtest-teacher-clip"
 TINY_CLIP = {
@@ -48,7 +51,7 @@ def _scene(rng: random.Random, size: int = 32):
         v = rng.randrange(90, 170)
         draw.point((x, y), fill=(v, v, v))
     a, b = rng.sample(list(COLOURS), 2)
-    side = size // 3
+    side = size * 7 // 16
     left_first = rng.random() < 0.5
     xs = (rng.randrange(0, size // 2 - side + 1), rng.randrange(size // 2, size - side + 1))
     rows = []
@@ -56,10 +59,7 @@ def _scene(rng: random.Random, size: int = 32):
         x = xs[k] if left_first else xs[1 - k]
         y = rng.randrange(0, size - side + 1)
         draw.rectangle([x, y, x + side - 1, y + side - 1], fill=COLOURS[colour])
-        where = ("top" if y < (size - side) // 2 else "bottom") + (
-            " left" if x < size // 2 else " right"
-        )
-        rows.append((f"the {colour} square at the {where}", [x, y, x + side, y + side]))
+        rows.append((f"the {colour} square", [x, y, x + side, y + side]))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue(), rows
@@ -169,7 +169,7 @@ def fitted(tmp_path_factory, tiny_arch, data_dir):
     work = tmp_path_factory.mktemp("fit")
     out = work / "teacher"
     recipe = write_recipe(work, data_dir, str(out))
-    argv = ["teacher", str(recipe), "--epochs", "8", "--batch-size", "16", "--lr", "3e-3"]
+    argv = ["teacher", str(recipe), "--epochs", "8", "--batch-size", "8", "--lr", "3e-3"]
     t0 = time.perf_counter()
     result = runner.invoke(app, argv)
     elapsed = time.perf_counter() - t0
@@ -199,13 +199,17 @@ def test_fit_writes_an_open_clip_local_dir_folder(fitted):
 def test_loss_falls_and_retrieval_beats_chance(fitted):
     report = json.loads((fitted["out"] / "teacher.json").read_text())
     history = report["history"]
-    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
-    after = report["metrics"]["after"]
+    # ln(8) = 2.08 for a blind model; another image in the batch showing the same colour
+    # is a false negative, so the loss cannot approach 0 on this data
+    assert history[-1]["train_loss"] < history[0]["train_loss"] - 0.25, history
+    after, before = report["metrics"]["after"], report["metrics"]["before"]
     for key in ("i2t", "t2i"):
         assert after[f"{key}_r1"] >= after[f"{key}_chance"] + 0.25, after
-    # 6 colours x 4 corners = 24 phrase texts; each image carries 2 distinct ones
-    assert after["texts"] <= 24
-    assert after["i2t_chance"] == pytest.approx(2 / after["texts"])
+        assert after[f"{key}_r1"] > before[f"{key}_r1"]
+    # 8 phrase texts; each image carries 2 of them, each text is on about 2/8 of the images
+    assert after["texts"] == 8
+    assert after["i2t_chance"] == pytest.approx(2 / 8)
+    assert after["t2i_chance"] == pytest.approx(2 / 8, abs=0.08)
     assert "phrase -> image" in fitted["output"] and "chance R@1" in fitted["output"]
 
 
@@ -218,7 +222,7 @@ def test_saved_teacher_loads_through_open_clip_with_identical_embeddings(fitted,
     b = open_clip.create_model(ARCH, pretrained=str(out / "open_clip_model.safetensors")).eval()
     tok = open_clip.get_tokenizer(f"local-dir:{out}")
     images = torch.rand(3, 3, 32, 32)
-    text = tok(["the red square at the top left", "the blue square at the bottom right"])
+    text = tok(["the red square", "the blue square"])
     with torch.no_grad():
         assert torch.equal(a.encode_image(images), b.encode_image(images))
         assert torch.equal(a.encode_text(text), b.encode_text(text))
@@ -247,7 +251,7 @@ def test_recipe_teacher_loads_the_fitted_folder(fitted):
     assert teacher.frozen and teacher.embed_dim == TINY_CLIP["embed_dim"]
     ref = open_clip.create_model(f"local-dir:{fitted['out']}").eval()
     student_frames = torch.randn(2, 3, 32, 32)  # ImageNet-normalised, already 32 x 32
-    phrases = ["the red square at the top left", "the green square at the bottom right"]
+    phrases = ["the red square", "the green square"]
     img, txt = teacher.encode(student_frames, phrases)
     with torch.no_grad():
         want_img = ref.encode_image(teacher.image_input(student_frames))
@@ -322,7 +326,7 @@ def test_fit_can_start_from_a_saved_teacher_folder(fitted, tmp_path):
     result = runner.invoke(
         app,
         ["teacher", str(fitted["recipe"]), "--init", str(fitted["out"]), "--out", str(out),
-         "--epochs", "1", "--batch-size", "16"],
+         "--epochs", "1", "--batch-size", "8"],
     )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "teacher.json").read_text())
@@ -364,3 +368,36 @@ def test_retrieval_metrics_by_hand():
     assert m["i2t_chance"] == pytest.approx((2 / 4 + 1 / 4 + 1 / 4) / 3)
     assert m["t2i_chance"] == pytest.approx(1 / 3)
     assert m["i2t_r5"] == 1.0 and m["t2i_r5"] == 1.0
+
+
+def test_architecture_and_output_folder_come_from_the_recipe(tmp_path):
+    from vgdistill.engine.teacher_fit import default_out, resolve_source
+    from vgdistill.errors import VGError
+    from vgdistill.recipe import load_recipe
+
+    # distill.teacher names an open_clip model: fit it, write runs/teacher-<recipe name>
+    named = load_recipe(
+        "recipes/tiny.toml", ["distill.teacher=vgd-tiny-clip", "distill.teacher_pretrained=''"]
+    )
+    source = resolve_source(named)
+    assert source.arch == "vgd-tiny-clip" and source.weights == ""
+    assert default_out(named, "recipes/tiny.toml") == Path("runs/teacher-tiny")
+
+    # distill.teacher names a folder: that is the output, and teacher_arch says what to fit
+    folder = load_recipe("recipes/tiny.toml", [f"distill.teacher={tmp_path / 't'}"])
+    assert default_out(folder, "recipes/tiny.toml") == tmp_path / "t"
+    with pytest.raises(VGError, match="teacher_arch"):
+        resolve_source(folder)
+    arch = load_recipe(
+        "recipes/tiny.toml",
+        [f"distill.teacher={tmp_path / 't'}", "distill.teacher_arch=vgd-tiny-clip"],
+    )
+    assert resolve_source(arch).arch == "vgd-tiny-clip"
+
+    # an --init folder without weights would silently start from random: refused
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}})
+    )
+    with pytest.raises(VGError, match="no open_clip weights"):
+        resolve_source(arch, init=str(tmp_path / "empty"))

@@ -7,9 +7,13 @@ name beside the target and renamed; folders are built beside the target and swap
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
+import functools
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,15 +52,63 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2() -> object | None:
+    """libc's renameat2 on Linux (glibc >= 2.28), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the OS or filesystem can't."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def recover(target: str | Path) -> bool:
+    """Put back `target` if a replacement was killed between its two renames; True if it did.
+
+    (Only the fallback swap, used where an atomic exchange is unavailable, has that moment.)
+    """
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists() or not old.is_dir():
+        return False
+    os.replace(old, target)
+    _fsync_dir(target.parent)
+    return True
+
+
 @contextlib.contextmanager
 def build_dir(target: str | Path) -> Iterator[Path]:
     """Yield a fresh temp folder beside `target`; on success it replaces `target` whole.
 
     On any error (or a kill) the temp folder is removed or left under a dot-name that no
-    command reads, and the previous `target`, if any, is untouched.
+    command reads, and the previous `target`, if any, is untouched. The old and new folders
+    are exchanged in one step where the OS allows (Linux), so a reader never finds `target`
+    missing; elsewhere two renames are used, and a kill between them is undone by `recover`.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         yield tmp
@@ -64,6 +116,10 @@ def build_dir(target: str | Path) -> Iterator[Path]:
             for name in files:
                 with open(os.path.join(root, name), "rb") as f:
                     os.fsync(f.fileno())
+        if target.is_dir() and _exchange(tmp, target):
+            _fsync_dir(target.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # now the previous version
+            return
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.old")
@@ -90,7 +146,8 @@ def exclusive(folder: str | Path, what: str = "another vgdistill process") -> It
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise VGError(
-                f"{folder} is being written by {what}; wait for it to finish or choose another --out"
+                f"{folder} is being written by {what}; "
+                "wait for it to finish or choose another --out"
             ) from None
         try:
             yield

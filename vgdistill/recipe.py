@@ -45,16 +45,21 @@ class DataConfig:
 class ModelConfig:
     """The TransVG student. A preset fills every key the recipe leaves out."""
 
-    preset: str = _f("transvg_r50", "Named preset (transvg_r50, transvg_r101, transvg_swin_s, tiny).")
+    preset: str = _f(
+        "transvg_r50", "Named preset (transvg_r50, transvg_r101, transvg_swin_s, tiny)."
+    )
     backbone: str = _f(
         "resnet50",
         "Visual backbone.",
         ("resnet50", "resnet101", "swin_t", "swin_s", "swin_b", "tiny_cnn"),
     )
     backbone_weights: str = _f(
-        "", "Torchvision weight name (e.g. IMAGENET1K_V1) or a local .pth/.safetensors; '' = random."
+        "",
+        "Torchvision weight name (e.g. IMAGENET1K_V1) or a local .pth/.safetensors; '' = random.",
     )
-    detr_checkpoint: str = _f("", "Local DETR checkpoint (facebookresearch/detr layout) to start from.")
+    detr_checkpoint: str = _f(
+        "", "Local DETR checkpoint (facebookresearch/detr layout) to start from."
+    )
     hidden_dim: int = _f(256, "Width of the DETR encoder and the fusion transformer.")
     enc_layers: int = _f(6, "DETR encoder layers.")
     enc_heads: int = _f(8, "DETR encoder attention heads.")
@@ -67,7 +72,8 @@ class ModelConfig:
         "bert-base-uncased", "BERT name or local folder; 'minilm' = the offline all-MiniLM-L6-v2."
     )
     text_init: str = _f(
-        "pretrained", "'pretrained' loads the weights; 'random' builds from its config.",
+        "pretrained",
+        "'pretrained' loads the weights; 'random' builds from its config.",
         ("pretrained", "random"),
     )
     text_config: dict[str, int] = _f({}, "BertConfig overrides when text_init = 'random'.")
@@ -80,18 +86,24 @@ class DistillConfig:
     """EpmVG cross-modal distillation from a CLIP teacher."""
 
     modality: str = _f(
-        "both", "Which teacher embeddings to distil; 'none' = TransVG baseline.",
+        "both",
+        "Which teacher embeddings to distil; 'none' = TransVG baseline.",
         ("both", "image", "text", "none"),
     )
     position: str = _f(
-        "fusion", "Student features distilled: fusion output, branch projections, or backbones.",
+        "fusion",
+        "Student features distilled: fusion output, branch projections, or backbones.",
         ("fusion", "linear", "backbone"),
     )
     loss: str = _f("cosine", "Distillation loss.", ("cosine", "l1", "mse"))
     alpha: float = _f(1.5, "Weight of the image distillation loss.")
     beta: float = _f(2.0, "Weight of the text distillation loss.")
-    pool: str = _f("first", "Student token used: the first one (paper) or the mean.", ("first", "mean"))
-    teacher: str = _f("ViT-B-16", "open_clip model name (or a folder written by `vgdistill teacher`).")
+    pool: str = _f(
+        "first", "Student token used: the first one (paper) or the mean.", ("first", "mean")
+    )
+    teacher: str = _f(
+        "ViT-B-16", "open_clip model name (or a folder written by `vgdistill teacher`)."
+    )
     teacher_pretrained: str = _f("openai", "open_clip pretrained tag or local checkpoint file.")
     teacher_arch: str = _f(
         "", "open_clip model `vgdistill teacher` fits when distill.teacher is its output folder."
@@ -312,21 +324,33 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
                 )
     t, d, m = recipe.train, recipe.distill, recipe.model
     non_negative = {
-        "train.lr": t.lr, "train.lr_backbone": t.lr_backbone, "train.lr_encoder": t.lr_encoder,
-        "train.lr_text": t.lr_text, "train.weight_decay": t.weight_decay,
-        "train.clip_grad": t.clip_grad, "distill.alpha": d.alpha, "distill.beta": d.beta,
-        "distill.teacher_lr": d.teacher_lr, "model.dropout": m.dropout,
-        "train.max_steps": t.max_steps, "train.warmup_steps": t.warmup_steps,
+        "train.lr": t.lr,
+        "train.lr_backbone": t.lr_backbone,
+        "train.lr_encoder": t.lr_encoder,
+        "train.lr_text": t.lr_text,
+        "train.weight_decay": t.weight_decay,
+        "train.clip_grad": t.clip_grad,
+        "distill.alpha": d.alpha,
+        "distill.beta": d.beta,
+        "distill.teacher_lr": d.teacher_lr,
+        "model.dropout": m.dropout,
+        "train.max_steps": t.max_steps,
+        "train.warmup_steps": t.warmup_steps,
         "train.save_every": t.save_every,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise VGError(f"{source}: {key} must be >= 0, got {value}")
     positive = {
-        "data.image_size": recipe.data.image_size, "data.max_query_len": recipe.data.max_query_len,
-        "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
-        "train.eval_every": t.eval_every, "train.log_every": t.log_every, "train.keep": t.keep,
-        "eval.batch_size": recipe.eval.batch_size, "model.hidden_dim": m.hidden_dim,
+        "data.image_size": recipe.data.image_size,
+        "data.max_query_len": recipe.data.max_query_len,
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.eval_every": t.eval_every,
+        "train.log_every": t.log_every,
+        "train.keep": t.keep,
+        "eval.batch_size": recipe.eval.batch_size,
+        "model.hidden_dim": m.hidden_dim,
         "model.text_layer": m.text_layer,
     }
     for key, value in positive.items():

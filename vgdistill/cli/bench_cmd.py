@@ -1,12 +1,96 @@
-"""`vgdistill bench` (being built)."""
+"""`vgdistill bench`: training / evaluation speed of a recipe on this machine."""
 
 from __future__ import annotations
 
-from vgdistill.cli.common import friendly
-from vgdistill.errors import VGError
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vgdistill.cli.common import SetOption, console, err_console, friendly
 
 
 @friendly
-def command() -> None:
-    """(being built)"""
-    raise VGError("bench is not built yet")
+def command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file (e.g. recipes/r50.toml).")],
+    overrides: SetOption = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="cpu or cuda (default: cuda when available)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", "-b", help="Batch size (default: train.batch_size)."),
+    ] = None,
+    eval_batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--eval-batch-size",
+            help="Evaluation batch (default: --batch-size if given, else eval.batch_size).",
+        ),
+    ] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Steps per timed window.")] = 10,
+    warmup: Annotated[
+        int, typer.Option("--warmup", help="Untimed steps before each configuration.")
+    ] = 3,
+    repeats: Annotated[
+        int, typer.Option("--repeats", help="Timed windows per figure (the median is shown).")
+    ] = 3,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")
+    ] = None,
+    no_data: Annotated[
+        bool, typer.Option("--no-data", help="Skip the data pipeline measurement.")
+    ] = False,
+    plain: Annotated[
+        bool,
+        typer.Option(
+            "--compare-plain/--no-compare-plain",
+            help="Also time the plain path (every speed feature off), interleaved with the "
+            "fast path.",
+        ),
+    ] = True,
+    each: Annotated[
+        bool,
+        typer.Option(
+            "--each", help="Also switch each speed feature off alone (its before/after figure)."
+        ),
+    ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", help="torch CPU threads (default: torch's choice)."),
+    ] = None,
+) -> None:
+    """Measure a recipe's speed: data pipeline, train step (with and without the teacher),
+    evaluation, peak memory, FLOPs per image and achieved TFLOP/s, fast path vs plain path.
+
+    Builds everything with random weights (no downloads, no dataset needed): model shapes
+    come from the recipe, the data figure from JPEGs generated in a temporary folder.
+    """
+    from vgdistill.atomic import write_text
+    from vgdistill.engine.bench import BenchOptions, bench_tables, run_bench
+    from vgdistill.recipe import load_recipe
+
+    resolved = load_recipe(recipe, overrides)
+    opts = BenchOptions(
+        device=device,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        steps=steps,
+        warmup=warmup,
+        repeats=repeats,
+        data=not no_data,
+        plain=plain,
+        each=each,
+        threads=threads,
+    )
+    with err_console.status("benchmarking") as status:
+        result = run_bench(resolved, opts, progress=lambda msg: status.update(f"bench: {msg}"))
+    result["recipe"]["file"] = str(recipe)
+    result["recipe"]["overrides"] = list(overrides or [])
+    for table in bench_tables(result):
+        console.print(table)
+    if json_out is not None:
+        write_text(json_out, json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_out}")

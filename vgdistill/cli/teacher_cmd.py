@@ -8,6 +8,9 @@ from typing import Annotated, Any
 import typer
 
 from vgdistill.cli.common import SetOption, console, err_console, friendly
+from vgdistill.engine.teacher_fit import FitSettings  # no torch at import time
+
+_DEFAULT = FitSettings()
 
 
 def retrieval_table(report: dict[str, Any], split: str) -> Any:
@@ -38,7 +41,7 @@ def retrieval_table(report: dict[str, Any], split: str) -> Any:
 @friendly
 def command(
     recipe: Annotated[
-        Path, typer.Argument(help="Recipe TOML: its [data] and distill.teacher* keys are used.")
+        Path, typer.Argument(help="Recipe TOML: its data.* and distill.teacher* keys are used.")
     ],
     set_: SetOption = None,
     out: Annotated[
@@ -50,11 +53,13 @@ def command(
             "else runs/teacher-<recipe name>).",
         ),
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 12,
+    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = _DEFAULT.epochs,
     batch_size: Annotated[
         int, typer.Option(help="Pairs per contrastive batch (one phrase per image).")
-    ] = 128,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, cosine).")] = 2e-3,
+    ] = _DEFAULT.batch_size,
+    lr: Annotated[
+        float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine).")
+    ] = _DEFAULT.lr,
     init: Annotated[
         str | None,
         typer.Option(
@@ -68,12 +73,19 @@ def command(
 ) -> None:
     """Fit a CLIP teacher contrastively on the (image, phrase) pairs of a prepared dataset.
 
-    Uses open_clip's model classes and CLIP loss; batches hold one phrase per image. Writes an
-    open_clip local-dir folder (open_clip_config.json + open_clip_model.safetensors,
-    teacher.json, metrics.jsonl) that a recipe's distill.teacher can point at, and prints
-    image->phrase / phrase->image retrieval on data.val_split.
+    open_clip's model classes and CLIP loss; each batch holds one phrase per image.
+
+    Writes an open_clip local-dir folder that distill.teacher can point at (plus teacher.json).
+
+    Prints image->phrase and phrase->image R@1 on data.val_split, with chance level.
+
+    Examples:
+
+      vgdistill teacher recipes/tiny.toml
+
+      vgdistill teacher my.toml --init clip/ViT-B-16.safetensors --out runs/teacher-aerial
     """
-    from vgdistill.engine.teacher_fit import FitSettings, default_out, fit_teacher
+    from vgdistill.engine.teacher_fit import default_out, fit_teacher
     from vgdistill.recipe import load_recipe
 
     rec = load_recipe(recipe, set_ or [])
@@ -87,6 +99,9 @@ def command(
         f"teacher: {report['teacher']}, {report['steps']} steps in {report['fit_s']:.0f}s "
         f"-> {target}",
         highlight=False,
+        soft_wrap=True,
     )
     if Path(rec.distill.teacher).resolve() != Path(target).resolve():
-        console.print(f"use it with: --set distill.teacher={target}", highlight=False)
+        console.print(
+            f"use it with: --set distill.teacher={target}", highlight=False, soft_wrap=True
+        )

@@ -74,6 +74,8 @@ def _open(src: ImageSource, label: str, limit: int) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise VGError(f"{label}: refused as a possible decompression bomb ({e})") from None
     except UnidentifiedImageError:
+        if _is_empty(src):
+            raise VGError(f"{label}: the file is empty (0 bytes); copy it again") from None
         raise VGError(f"{label}: not an image PIL can read (unknown or corrupt format)") from None
     except OSError as e:
         raise VGError(f"{label}: unreadable or truncated image ({e})") from None
@@ -87,6 +89,16 @@ def _open(src: ImageSource, label: str, limit: int) -> Image.Image:
     if w <= 0 or h <= 0:
         raise VGError(f"{label}: image has no pixels ({w}x{h})")
     return im
+
+
+def _is_empty(src: ImageSource) -> bool:
+    """True for b"" or a 0-byte file (said plainly: a failed copy, not a strange format)."""
+    if isinstance(src, bytes):
+        return not src
+    try:
+        return os.path.getsize(src) == 0
+    except OSError:
+        return False
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

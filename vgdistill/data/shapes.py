@@ -144,10 +144,11 @@ def generate_rows(
         for image_index in range(math.ceil(count / ROWS_PER_IMAGE)):
             n_rows = min(ROWS_PER_IMAGE, count - image_index * ROWS_PER_IMAGE)
             rng = np.random.default_rng([seed, _SPLIT_CODES[split], image_index])
-            objects, queries, pixels = _make_image(rng, image_size, family, n_rows)
+            # Always ROWS_PER_IMAGE queries, so a smaller count yields a prefix of a larger one.
+            objects, queries, pixels = _make_image(rng, image_size, family, ROWS_PER_IMAGE)
             png = _encode_png(pixels)
             image_id = f"shapes-{split}-{image_index:06d}"
-            for j, query in enumerate(queries):
+            for j, query in enumerate(queries[:n_rows]):
                 target = objects[query["target"]]
                 row = {
                     "image": png,
@@ -434,10 +435,14 @@ class _Scene:
                             relations.append(relation)
                 else:
                     dist = {i: math.hypot(objs[i].cx - ref.cx, objs[i].cy - ref.cy) for i in group}
-                    # Clearly the closest: both an absolute and a relative margin.
+                    gaps = {i: _gap(objs[i], ref) for i in group}
+                    # Clearly the closest, centre to centre (an absolute and a relative margin)
+                    # and edge to edge, so a large object's size cannot flip the answer.
                     clear = all(
-                        dist[t] + margin <= v and dist[t] * 1.4 <= v
-                        for i, v in dist.items()
+                        dist[t] + margin <= dist[i]
+                        and dist[t] * 1.4 <= dist[i]
+                        and gaps[t] + 2 <= gaps[i]
+                        for i in group
                         if i != t
                     )
                     relations = ["near"] if clear else []
@@ -463,6 +468,13 @@ def _minimal(descs: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
 def _extreme(values: dict[int, float], target: int, margin: float) -> bool:
     """Whether `target` has the smallest value by at least `margin` over every other key."""
     return all(values[target] + margin <= v for k, v in values.items() if k != target)
+
+
+def _gap(a: ShapeObject, b: ShapeObject) -> float:
+    """The shortest distance between the boxes of a and b (0 when they touch)."""
+    dx = max(0, a.box[0] - b.box[2], b.box[0] - a.box[2])
+    dy = max(0, a.box[1] - b.box[3], b.box[1] - a.box[3])
+    return math.hypot(dx, dy)
 
 
 def _side_offset(obj: ShapeObject, ref: ShapeObject, relation: str) -> tuple[float, float]:

@@ -82,7 +82,10 @@ def as_rgb_image(image: ImageInput, name: str | None = None) -> Image.Image:
             return image
         # Other modes go through the one decoder, so alpha, 16-bit etc. match `prepare`.
         buf = io.BytesIO()
-        image.save(buf, format="PNG")
+        try:
+            image.save(buf, format="PNG")
+        except OSError:  # a mode PNG cannot hold (e.g. 32-bit float): plain conversion
+            return image.convert("RGB")
         return load_image(buf.getvalue(), name=name or "<PIL image>")
     return load_image(image, name=name)
 
@@ -150,8 +153,8 @@ class Predictor:
                         t.pad,
                         img.size,
                     )
-                box = tuple(float(v) for v in boxes[i].tolist())
-                results.append(Grounding(phrase=phrase, box=box, heat=heat))  # type: ignore[arg-type]
+                x1, y1, x2, y2 = (float(v) for v in boxes[i].tolist())
+                results.append(Grounding(phrase=phrase, box=(x1, y1, x2, y2), heat=heat))
         return results
 
 

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import os
 import random
@@ -51,6 +52,7 @@ FORMAT_VERSION = 1
 # Above this many bytes of decoded frames (float16), decode per batch in worker processes
 # instead of holding every distinct image in memory.
 CACHE_LIMIT_BYTES = 1 << 30
+WEIGHT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".npz"}
 
 
 @dataclass
@@ -99,10 +101,11 @@ def register_configs() -> None:
     """Make vgdistill's bundled open_clip configs (e.g. vgd-tiny-clip) known to open_clip."""
     import open_clip
 
-    folder = Path(__file__).resolve().parent.parent / "models" / "clip_configs"
+    from vgdistill.models.teacher import CONFIG_DIR
+
     known = set(open_clip.list_models())
-    if folder.is_dir() and not all(p.stem in known for p in folder.glob("*.json")):
-        open_clip.add_model_config(folder)
+    if CONFIG_DIR.is_dir() and not all(p.stem in known for p in CONFIG_DIR.glob("*.json")):
+        open_clip.add_model_config(CONFIG_DIR)
 
 
 def is_model_name(name: str) -> bool:
@@ -150,7 +153,11 @@ def resolve_source(recipe: Recipe, init: str | None = None) -> TeacherSource:
     weights = d.teacher_pretrained if init is None else init
     if weights and Path(weights).is_dir():
         folder = Path(weights).resolve()
-        return TeacherSource(f"local-dir:{folder}", str(folder), _read_folder_config(folder))
+        cfg = _read_folder_config(folder)
+        # open_clip would quietly start from random weights when the folder has none
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir()):
+            raise VGError(f"{folder} holds no open_clip weights ({WEIGHTS_FILE})")
+        return TeacherSource(f"local-dir:{folder}", str(folder), cfg)
     if d.teacher_arch:
         arch, key = d.teacher_arch, "distill.teacher_arch"
     elif is_model_name(d.teacher):
@@ -165,14 +172,7 @@ def resolve_source(recipe: Recipe, init: str | None = None) -> TeacherSource:
         raise _unknown_model(arch, key)
     arch = arch.replace("/", "-")
     if weights and not Path(weights).is_file():
-        looks_like_path = os.sep in weights or Path(weights).suffix in {
-            ".safetensors",
-            ".pt",
-            ".pth",
-            ".bin",
-            ".npz",
-        }
-        if looks_like_path:
+        if os.sep in weights or Path(weights).suffix in WEIGHT_SUFFIXES:
             raise VGError(
                 f"teacher weights not found: {weights} (--init / distill.teacher_pretrained)"
             )
@@ -189,12 +189,22 @@ def create_model(source: TeacherSource) -> torch.nn.Module:
     """Build the open_clip model (dict output) from a resolved source; errors become VGError."""
     import open_clip
 
+    # open_clip warns (on the root logger) that a model without weights starts random: that
+    # is the point of fitting from scratch, so keep it off the user's screen then
+    quiet = not source.weights
+    if quiet:
+        logging.disable(logging.WARNING)
     try:
+        # pretrained_text=False: a config with a Hugging Face text tower must not download
+        # its default weights; a full CLIP checkpoint, when given, sets every weight anyway
         if source.arch.startswith("local-dir:"):
-            model = open_clip.create_model(source.arch, output_dict=True)
+            model = open_clip.create_model(source.arch, output_dict=True, pretrained_text=False)
         else:
             model = open_clip.create_model(
-                source.arch, pretrained=source.weights or None, output_dict=True
+                source.arch,
+                pretrained=source.weights or None,
+                output_dict=True,
+                pretrained_text=False,
             )
     except (RuntimeError, ValueError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -202,6 +212,9 @@ def create_model(source: TeacherSource) -> torch.nn.Module:
             f"could not build teacher {source.describe()}: {first}; offline machines need "
             "local weights (--init PATH) or '' to fit from scratch"
         ) from None
+    finally:
+        if quiet:
+            logging.disable(logging.NOTSET)
     return model
 
 

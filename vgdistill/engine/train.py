@@ -193,6 +193,15 @@ def state_dirs(out_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def _discard(folder: Path) -> None:
+    """Delete a state folder by renaming it to a dot-name first: a kill during the delete
+    leaves a folder that no resume reads, never a torn step-N."""
+    trash = folder.with_name(f".{folder.name}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
     """The run's train_summary.json (written when training finished), or None."""
     path = Path(out_dir) / SUMMARY_NAME
@@ -374,7 +383,9 @@ class Trainer:
             teacher = Teacher.from_config(r.distill).to(device)
             self._prewarm_text_cache(teacher)
         if t.compile:
-            student.compile()
+            # Fixed shapes: one static graph per batch shape (the short last batch of an epoch
+            # gets its own) instead of a dynamic-shape graph replacing the static one.
+            student.compile(dynamic=False)
         self.module = StudentWithTeacher(student, teacher, r.distill)
         groups = student.param_groups(t)
         if teacher is not None and r.distill.teacher_trainable:
@@ -488,10 +499,10 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             if final.exists():
-                shutil.rmtree(final)
+                _discard(final)
             os.replace(partial, final)
             for old in state_dirs(self.out)[: -self.recipe.train.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
         acc.wait_for_everyone()
         return final
 

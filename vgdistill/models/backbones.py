@@ -33,6 +33,43 @@ def _conv_bn_relu(cin: int, cout: int, stride: int) -> nn.Sequential:
     )
 
 
+class CoordConv(nn.Module):
+    """3x3 conv + BN + ReLU whose input also gets two channels holding the x and y position.
+
+    TransVG adds position embeddings to attention queries and keys only, so the [REG] token
+    can only read coordinates that the features themselves carry; a large pretrained CNN
+    learns that from padding, a tiny one trained for minutes needs it spelt out.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin + 2, cout, 3, stride, 1, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B,C,H,W] -> [B,cout,H/stride,W/stride]."""
+        b, _, h, w = x.shape
+        ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1)
+        xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w)
+        coords = torch.cat([xs.expand(b, 1, h, w), ys.expand(b, 1, h, w)], dim=1)
+        x = torch.cat([x, coords.to(memory_format=torch.contiguous_format)], dim=1)
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class TinyCNN(nn.Sequential):
+    """Four conv layers, overall stride 8, 128 channels: the CPU demo's backbone."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            OrderedDict(
+                stem=CoordConv(3, 32, 2),
+                layer1=_conv_bn_relu(32, 64, 2),
+                layer2=_conv_bn_relu(64, 128, 2),
+                layer3=CoordConv(128, 128, 1),
+            )
+        )
+
+
 class Backbone(nn.Module):
     """A feature extractor: `body` holds the weights, named as in the torchvision model."""
 
@@ -62,14 +99,7 @@ class Backbone(nn.Module):
             self.stride = 32
         else:
             # For 64-pixel images on a CPU: stride 8 gives an 8x8 grid of visual tokens.
-            self.body = nn.Sequential(
-                OrderedDict(
-                    stem=_conv_bn_relu(3, 32, 2),
-                    layer1=_conv_bn_relu(32, 64, 2),
-                    layer2=_conv_bn_relu(64, 128, 2),
-                    layer3=_conv_bn_relu(128, 128, 1),
-                )
-            )
+            self.body = TinyCNN()
             self.num_channels, self.stride = 128, 8
 
     @property

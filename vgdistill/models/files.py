@@ -43,19 +43,35 @@ def load_torch_file(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise VGError(f"weight file not found: {path}")
+    if path.stat().st_size == 0:
+        raise VGError(f"{path}: the file is empty (0 bytes); copy or download it again")
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except pickle.UnpicklingError:
         raise VGError(
             f"{path}: refused to load: the pickle holds objects other than tensors "
-            f"({first[:200]}); convert it to .safetensors or re-save only its state_dict"
+            f"({_unsafe_names(path)}), which could run code; convert it to .safetensors or "
+            "re-save only its state_dict"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise VGError(
             f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})"
         ) from None
+
+
+def _unsafe_names(path: Path) -> str:
+    """The globals a refused pickle names (torch's own message is long and styled)."""
+    import torch
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # an unreadable archive: the names are a nicety, not the verdict
+        names = []
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in _allowed_globals()}
+    names = [n for n in names if n not in allowed]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"it needs {shown}" if names else "objects torch will not rebuild safely"
 
 
 def load_safetensors_file(path: str | Path) -> dict[str, Any]:

@@ -126,6 +126,9 @@ class Teacher(nn.Module):
         self.cache: OrderedDict[str, Tensor] = OrderedDict()
         self.cache_hits = 0
         self.cache_misses = 0
+        # False = the plain path (every phrase re-encoded each call): `vgdistill bench` and the
+        # tests compare it with the cached path.
+        self.use_cache = True
         pp = getattr(clip.visual, "preprocess_cfg", {}) or {}
         size = getattr(clip.visual, "image_size", pp.get("size", 224))
         self.input_size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
@@ -197,7 +200,9 @@ class Teacher(nn.Module):
         params = [p for p in self.clip.parameters() if p.requires_grad]
         return [{"name": "teacher", "params": params, "lr": lr, "weight_decay": weight_decay}]
 
-    def _run_dtype(self, device: torch.device) -> torch.dtype:
+    def run_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the teacher runs in on `device` (distill.teacher_precision; 'auto' = bf16
+        on a GPU, fp32 elsewhere; a trainable teacher always trains in fp32)."""
         if self.trainable or self.precision == "fp32":
             return torch.float32
         if self.precision == "bf16" or device.type == "cuda":
@@ -205,7 +210,7 @@ class Teacher(nn.Module):
         return torch.float32
 
     def _prepare(self, device: torch.device) -> torch.dtype:
-        dtype = self._run_dtype(device)
+        dtype = self.run_dtype(device)
         if next(self.clip.parameters()).dtype != dtype:
             self.clip.to(dtype)
             self.cache.clear()  # embeddings from the old precision would be mixed in
@@ -242,8 +247,12 @@ class Teacher(nn.Module):
                     out = self.clip.encode_image(self.image_input(image.to(device)).to(dtype))
                 # clone() outside inference mode: a normal tensor the student's loss can use.
                 img = out.float().clone()
-            if want_text and phrases is not None:
+            if want_text and phrases is not None and self.use_cache:
                 txt = self._cached_text(phrases, device)
+            elif want_text and phrases is not None:
+                with torch.inference_mode():
+                    out = self.clip.encode_text(self.tokenizer(list(phrases)).to(device))
+                txt = out.float().clone()
         else:
             if want_image and image is not None:
                 img = self.clip.encode_image(self.image_input(image.to(device))).float()

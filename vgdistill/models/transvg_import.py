@@ -56,6 +56,12 @@ def _need(state: dict[str, Tensor], key: str) -> Tensor:
 
 def infer_architecture(state: dict[str, Tensor], args: Any) -> dict[str, Any]:
     """Architecture facts of a TransVG state dict (+ its saved argparse args, if any)."""
+    if not any(k.startswith("visumodel.") for k in state):
+        held = ", ".join(list(state)[:3]) + (", ..." if len(state) > 3 else "")
+        raise VGError(
+            f"not a TransVG checkpoint: no visumodel.* tensors (it holds {held}); "
+            "give a TransVG best_checkpoint.pth"
+        )
     blocks = _count(state, "visumodel.backbone.0.body.layer3.")
     if blocks not in RESNET_LAYER3_BLOCKS:
         raise VGError(
@@ -164,7 +170,10 @@ def import_transvg(ckpt: str | Path, out: str | Path, recipe: Any | None = None)
         raw = load_torch_file(ckpt)
     args = raw.get("args") if isinstance(raw, dict) else None
     state = unwrap_state_dict(raw, str(ckpt))
-    arch = infer_architecture(state, args)
+    try:
+        arch = infer_architecture(state, args)
+    except VGError as e:
+        raise VGError(f"{ckpt}: {e}") from None
     if recipe is None:
         recipe = from_dict({}, "<defaults>")
     m, data = recipe.model, recipe.data

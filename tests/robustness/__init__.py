@@ -1,0 +1,1 @@
+"""Robustness suite: bad inputs across every command, killed processes, phrase fuzzing."""
