@@ -203,3 +203,11 @@ def test_bench_rig_switches_every_feature_and_back():
     rig.eval_step()
     assert rig.teacher.cache_hits == hits + 2  # both phrases of the step came from the cache
     assert fast.without("sdpa") == FastPath(**{**fast.__dict__, "sdpa": False})
+    # A precision switch refills the cache in the new precision before anything is timed.
+    rig.apply(FastPath(**{**fast.__dict__, "teacher_bf16": True}))
+    assert next(rig.teacher.clip.parameters()).dtype == torch.bfloat16
+    assert len(rig.teacher.cache) == len(rig.phrases)
+    assert all(row.dtype == torch.bfloat16 for row in rig.teacher.cache.values())
+    misses = rig.teacher.cache_misses
+    rig.train_step(teacher=True)
+    assert rig.teacher.cache_misses == misses

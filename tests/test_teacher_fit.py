@@ -144,6 +144,17 @@ epochs = 1
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is as fast, and immune to a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_arch(tmp_path_factory):
     """Register a tiny open_clip config from a temp JSON file."""
@@ -375,24 +386,33 @@ def test_architecture_and_output_folder_come_from_the_recipe(tmp_path):
     from vgdistill.errors import VGError
     from vgdistill.recipe import load_recipe
 
+    tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
     # distill.teacher names an open_clip model: fit it, write runs/teacher-<recipe name>
     named = load_recipe(
-        "recipes/tiny.toml", ["distill.teacher=vgd-tiny-clip", "distill.teacher_pretrained=''"]
+        tiny,
+        [
+            "distill.teacher=vgd-tiny-clip",
+            "distill.teacher_pretrained=''",
+            "distill.teacher_arch=''",
+        ],
     )
     source = resolve_source(named)
     assert source.arch == "vgd-tiny-clip" and source.weights == ""
-    assert default_out(named, "recipes/tiny.toml") == Path("runs/teacher-tiny")
+    assert default_out(named, tiny) == Path("runs/teacher-tiny")
 
     # distill.teacher names a folder: that is the output, and teacher_arch says what to fit
-    folder = load_recipe("recipes/tiny.toml", [f"distill.teacher={tmp_path / 't'}"])
-    assert default_out(folder, "recipes/tiny.toml") == tmp_path / "t"
+    folder = load_recipe(tiny, [f"distill.teacher={tmp_path / 't'}", "distill.teacher_arch=''"])
+    assert default_out(folder, tiny) == tmp_path / "t"
     with pytest.raises(VGError, match="teacher_arch"):
         resolve_source(folder)
     arch = load_recipe(
-        "recipes/tiny.toml",
-        [f"distill.teacher={tmp_path / 't'}", "distill.teacher_arch=vgd-tiny-clip"],
+        tiny, [f"distill.teacher={tmp_path / 't'}", "distill.teacher_arch=vgd-tiny-clip"]
     )
     assert resolve_source(arch).arch == "vgd-tiny-clip"
+    # the shipped demo recipe: fit vgd-tiny-clip into its distill.teacher folder
+    demo = load_recipe(tiny)
+    assert resolve_source(demo).arch == "vgd-tiny-clip"
+    assert default_out(demo, tiny) == Path(demo.distill.teacher)
 
     # an --init folder without weights would silently start from random: refused
     (tmp_path / "empty").mkdir()

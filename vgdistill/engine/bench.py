@@ -488,7 +488,7 @@ class Rig:
         self.batch, self.eval_batch = batch, eval_batch
         self._i = 0
         groups = self.student.param_groups(recipe.train)
-        # The optimiser training builds (fused on CUDA) and torch's default one.
+        # The optimiser training builds (fused where torch has the kernel) and torch's default.
         self.opt_fast = build_optimizer(groups, recipe.train, device.type)
         self.opt_plain = torch.optim.AdamW(
             groups, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay
@@ -528,7 +528,7 @@ class Rig:
             tf32=cuda,
             cudnn_benchmark=cuda,
             compile=r.train.compile,
-            teacher_cache=self.teacher is not None,
+            teacher_cache=self.teacher is not None and r.distill.modality in ("both", "text"),
             teacher_bf16=teacher_bf16,
         )
 
@@ -551,9 +551,13 @@ class Rig:
         if self.teacher is not None:
             self.teacher.use_cache = fp.teacher_cache
             self.teacher.precision = "bf16" if fp.teacher_bf16 else "fp32"
-            if fp.teacher_cache:
+            # An empty call casts the teacher to its new precision now (dropping a cache
+            # computed in the old one), so the refill below is in the precision that is timed.
+            self.teacher.encode(None, None)
+            missing = [p for p in self.phrases if p not in self.teacher.cache]
+            if fp.teacher_cache and missing:
                 # As training does (Trainer._prewarm_text_cache): every phrase embedded once.
-                self.teacher.encode(None, self.phrases, want_image=False)
+                self.teacher.encode(None, missing, want_image=False)
         # Moments in the old memory format must not meet parameters in the new one, and two
         # optimisers' state would double the memory: both start empty at each switch.
         self.opt_fast.state.clear()
