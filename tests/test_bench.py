@@ -111,6 +111,7 @@ def test_bench_missing_teacher_folder_says_what_to_set(tmp_path):
     recipe = tmp_path / "r.toml"
     recipe.write_text(
         f'extends = "{TINY}"\n[distill]\nteacher = "{tmp_path / "no-such-teacher"}"\n'
+        'teacher_arch = ""\n'
     )
     result = runner.invoke(app, ["bench", str(recipe), "--no-data", "--steps", "1"])
     assert result.exit_code == 2

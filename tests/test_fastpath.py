@@ -169,6 +169,13 @@ def test_teacher_cache_and_bf16_match_the_plain_teacher():
     teacher.use_cache = False
     img_plain, txt_plain = teacher.encode(images, phrases)
     assert (teacher.cache_hits, teacher.cache_misses, len(teacher.cache)) == (0, 0, 0)
+    # The student's autocast does not reach the frozen teacher: same fp32 targets inside it.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        img_ac, txt_ac = teacher.encode(images, phrases)
+    assert img_ac.dtype == torch.float32
+    assert torch.allclose(img_ac, img_plain, atol=1e-6) and torch.allclose(
+        txt_ac, txt_plain, atol=1e-6
+    )
     teacher.use_cache = True
     _, txt_cached = teacher.encode(images, phrases)
     _, txt_again = teacher.encode(None, list(reversed(phrases)), want_image=False)

@@ -336,8 +336,18 @@ def test_fit_can_start_from_a_saved_teacher_folder(fitted, tmp_path):
     out = tmp_path / "adapted"
     result = runner.invoke(
         app,
-        ["teacher", str(fitted["recipe"]), "--init", str(fitted["out"]), "--out", str(out),
-         "--epochs", "1", "--batch-size", "8"],
+        [
+            "teacher",
+            str(fitted["recipe"]),
+            "--init",
+            str(fitted["out"]),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+        ],
     )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "teacher.json").read_text())

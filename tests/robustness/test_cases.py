@@ -505,9 +505,7 @@ CASES: list[Case] = [
          lambda e: ["teacher", tiny_recipe(e, distill=TINY_CLIP),
                     "--init", e.file("clip.pth", F.evil_exec_pth, e.marker),
                     "--out", str(e.tmp / "teacher"), "--epochs", "1"],
-         says=r"refused to load", then=no_marker,
-         known_bug="engine/teacher_fit.py create_model() catches RuntimeError/ValueError/OSError "
-                   "but not pickle.UnpicklingError: exit 1 'internal error' (no code runs)"),
+         says=r"refused to load", then=no_marker),
     Case("import-missing-pth", "import transvg of a missing file",
          lambda e: ["import", "transvg", str(e.tmp / "none.pth"), "--out", str(e.tmp / "o")],
          says=r"not found: .*none\.pth"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -91,6 +92,13 @@ def command(
     result["recipe"]["overrides"] = list(overrides or [])
     for table in bench_tables(result):
         console.print(table)
+    load, cores = result.get("load_average_start"), os.cpu_count() or 1
+    if result["device"].startswith("cpu") and load is not None and load > cores:
+        err_console.print(
+            f"[yellow]note:[/] load average {load:.1f} on {cores} cores: other processes share "
+            "this CPU, so absolute figures are noisy (fast/plain ratios are paired per window); "
+            "--threads 1 avoids OpenMP threads spinning against them."
+        )
     if json_out is not None:
         write_text(json_out, json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {json_out}")

@@ -79,6 +79,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 SIZES: tuple[str, ...] = ("small", "large")
+OBJECTS_PER_IMAGE = (3, 5)  # inclusive range
 # Object side as a fraction of the image side: two clearly separate classes.
 _SIZE_RANGE = {"small": (0.17, 0.21), "large": (0.31, 0.37)}
 
@@ -206,7 +207,7 @@ def _place_objects(rng: np.random.Generator, size: int) -> list[tuple]:
     """Pick 3-5 objects from a small attribute pool and place them without overlap."""
     gap = max(2, size // 32)  # keeps tight boxes apart, so no box holds a neighbour's pixels
     while True:
-        n = int(rng.integers(3, 6))
+        n = int(rng.integers(OBJECTS_PER_IMAGE[0], OBJECTS_PER_IMAGE[1] + 1))
         colour_pool = rng.choice(len(_COLOUR_NAMES), size=int(rng.integers(2, 4)), replace=False)
         shape_pool = rng.choice(len(SHAPES), size=int(rng.integers(2, 4)), replace=False)
         specs = []

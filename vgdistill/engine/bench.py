@@ -801,6 +801,9 @@ def run_bench(
         "device": _device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        # Provenance for CPU figures: a loaded shared machine makes absolute numbers noisy
+        # (the paired ratios hold better).
+        "load_average_start": _load_average(),
         "batch_size": batch,
         "eval_batch_size": eval_batch,
         "steps": opts.steps,
@@ -877,7 +880,16 @@ def run_bench(
         result["data"]["workers_to_keep_up"] = math.ceil(need / per) if per > 0 else None
     if device.type == "cuda":
         result["targets"] = _targets(recipe, result)
+    result["load_average_end"] = _load_average()
     return result
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _train_figures(by_name: dict[str, Config], path: str, flops: dict[str, float]) -> dict:

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -59,7 +60,7 @@ WEIGHT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".npz"}
 class FitSettings:
     """How the teacher is fitted; recorded in teacher.json (a re-run with equal settings reuses)."""
 
-    epochs: int = 12
+    epochs: int = 6
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -206,6 +207,13 @@ def create_model(source: TeacherSource) -> torch.nn.Module:
                 output_dict=True,
                 pretrained_text=False,
             )
+    except pickle.UnpicklingError:
+        # torch.load(weights_only=True) stopped a pickle that wanted to build something other
+        # than tensors: its code never ran.
+        raise VGError(
+            f"refused to load {source.weights}: it is a pickle that would run code; "
+            "use .safetensors or a weights-only checkpoint"
+        ) from None
     except (RuntimeError, ValueError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise VGError(
@@ -294,7 +302,7 @@ def distinct_batches(
     phrases: Sequence[str],
     batch_size: int,
     rng: random.Random,
-    window: int = 8,
+    window: int = 32,
 ) -> list[list[int]]:
     """Shuffle rows into batches with no image and no phrase text twice in one batch.
 
@@ -355,7 +363,7 @@ class Frames:
         field = rec["image"]
         src = field["bytes"] if field.get("bytes") else field["path"]
         name = f"{rec.get('source', 'dataset')} row {row} (image {rec.get('image_id')})"
-        seed = int(torch_randint()) if self.transform.augment else 0
+        seed = int(_torch_seed()) if self.transform.augment else 0
         out = self.transform(load_image(src, name=name), None, phrase, random.Random(seed))
         return out.image, out.phrase
 
@@ -389,7 +397,7 @@ class Frames:
         self.cache = torch.cat(chunks) if chunks else torch.empty(0, 3, self.size, self.size)
 
 
-def torch_randint() -> int:
+def _torch_seed() -> int:
     """A seed drawn from torch's generator (DataLoader seeds it per worker from its own)."""
     import torch
 

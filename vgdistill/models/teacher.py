@@ -242,17 +242,22 @@ class Teacher(nn.Module):
         dtype = self._prepare(device)
         img = txt = None
         if self.frozen:
-            if want_image and image is not None:
-                with torch.inference_mode():
-                    out = self.clip.encode_image(self.image_input(image.to(device)).to(dtype))
-                # clone() outside inference mode: a normal tensor the student's loss can use.
-                img = out.float().clone()
-            if want_text and phrases is not None and self.use_cache:
-                txt = self._cached_text(phrases, device)
-            elif want_text and phrases is not None:
-                with torch.inference_mode():
-                    out = self.clip.encode_text(self.tokenizer(list(phrases)).to(device))
-                txt = out.float().clone()
+            # The frozen teacher runs in its own precision (distill.teacher_precision), never
+            # under the student's autocast: its targets (and cached phrases) then do not depend
+            # on where it is called from, and on a CPU bf16 autocast made it ~10x slower.
+            with torch.autocast(device.type, enabled=False):
+                if want_image and image is not None:
+                    with torch.inference_mode():
+                        x = self.image_input(image.to(device)).to(dtype)
+                        out = self.clip.encode_image(x)
+                    # clone() outside inference mode: a normal tensor the student's loss can use.
+                    img = out.float().clone()
+                if want_text and phrases is not None and self.use_cache:
+                    txt = self._cached_text(phrases, device)
+                elif want_text and phrases is not None:
+                    with torch.inference_mode():
+                        out = self.clip.encode_text(self.tokenizer(list(phrases)).to(device))
+                    txt = out.float().clone()
         else:
             if want_image and image is not None:
                 img = self.clip.encode_image(self.image_input(image.to(device))).float()
