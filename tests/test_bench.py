@@ -121,3 +121,19 @@ def test_bench_missing_teacher_folder_says_what_to_set(tmp_path):
 def test_bench_rejects_zero_steps():
     result = runner.invoke(app, ["bench", TINY, "--steps", "0", "--no-data"])
     assert result.exit_code == 2 and "--steps must be >= 1" in result.output
+
+
+def test_bench_without_teacher_and_without_plain_path(tmp_path):
+    out = tmp_path / "b.json"
+    args = [
+        "bench", TINY, "--set", "distill.modality=none", "--no-data", "--no-compare-plain",
+        "--batch-size", "2", "--steps", "1", "--warmup", "0", "--repeats", "1", "--threads", "1",
+        "--json", str(out),
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    assert set(r["train"]) == {"fast"} and "images_per_s_with_teacher" not in r["train"]["fast"]
+    assert r["train"]["fast"]["images_per_s"] > 0 and r["eval"]["fast"]["images_per_s"] > 0
+    assert "speedup" not in r and "teacher_cache" not in r and "data" not in r
+    assert r["flops"]["teacher_image_per_image"] == 0

@@ -20,6 +20,10 @@ def command(
         typer.Option(help="Recipe to run (default: recipes/demo.toml, which you can copy)."),
     ] = None,
     set_: SetOption = None,
+    rows: Annotated[
+        int | None,
+        typer.Option(help="Rows of shapes data over all splits (default: 9,500).", min=20),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Prepare `shapes`, fit a CLIP teacher, train a distilled student, evaluate, predict.
@@ -30,7 +34,7 @@ def command(
     from vgdistill.engine.demo import DEMO_RECIPE, run_demo, stage_lines, summary
 
     report = run_demo(
-        out, recipe or DEMO_RECIPE, set_ or [], console=err_console, progress=progress
+        out, recipe or DEMO_RECIPE, set_ or [], console=err_console, progress=progress, rows=rows
     )
     console.print(summary(report))
     if report.teacher:

@@ -57,8 +57,12 @@ def run_demo(
     overrides: list[str] | None = None,
     console: Console | None = None,
     progress: bool = True,
+    rows: int | None = None,
 ) -> DemoReport:
-    """Run (or resume) the whole demo chain under `out`; returns what each stage did."""
+    """Run (or resume) the whole demo chain under `out`; returns what each stage did.
+
+    `rows` sizes the shapes data (None = the generator's default split sizes).
+    """
     from vgdistill.data.prepare import prepare, summary_table
     from vgdistill.data.sources.base import SourceArgs
     from vgdistill.engine.evaluate import evaluate, results_table
@@ -72,7 +76,7 @@ def run_demo(
     report = DemoReport(out=out)
 
     with _stage(report, "prepare shapes", console):
-        args = SourceArgs(seed=recipe.train.seed, image_size=recipe.data.image_size)
+        args = SourceArgs(seed=recipe.train.seed, image_size=recipe.data.image_size, rows=rows)
         prepared = prepare("shapes", args, recipe.data.path, console=console, progress=progress)
         report.reused["prepare shapes"] = prepared.reused
         console.print(summary_table(prepared.manifest))

@@ -1,0 +1,40 @@
+"""`vgdistill demo` runs the whole chain end to end (on a few rows) and reuses finished stages."""
+
+import json
+
+from typer.testing import CliRunner
+
+from vgdistill.cli.app import app
+
+runner = CliRunner()
+
+
+def test_demo_chain_end_to_end_then_reuses(tmp_path):
+    out = tmp_path / "demo"
+    argv = [
+        "demo",
+        "--out",
+        str(out),
+        "--rows",
+        "80",
+        "--no-progress",
+        "--set",
+        "train.max_steps=3",
+        "--set",
+        "train.epochs=1",
+    ]
+    first = runner.invoke(app, argv)
+    assert first.exit_code == 0, first.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["results"]) == {"val", "testA", "testB"}
+    for res in summary["results"].values():
+        assert 0.0 <= res["acc50"] <= 1.0 and "shuffle" in res
+    assert summary["teacher_val_retrieval"]["i2t_r1"] >= 0.0
+    assert len(summary["pictures"]) == 4
+    assert all((out / "predict" / p.split("/")[-1]).is_file() for p in summary["pictures"])
+    assert (out / "student" / "best" / "model.safetensors").is_file()
+
+    again = runner.invoke(app, argv)
+    assert again.exit_code == 0, again.output
+    reused = json.loads((out / "summary.json").read_text())["reused"]
+    assert reused == {"prepare shapes": True, "fit teacher": True, "train student": True}
