@@ -9,8 +9,8 @@ dataset of JPEG images generated in a temporary folder.
 
 Method: warm-up steps first, device synchronisation around every timed window, and the
 median of `repeats` windows. The fast path (the defaults) and the plain path (every speed
-feature off: explicit softmax attention, contiguous convolutions, fp32, for-loop AdamW, no
-TF32 / cuDNN autotuning, teacher in fp32 without its phrase cache) run interleaved window by
+feature off: explicit softmax attention, contiguous convolutions, fp32, torch's default AdamW,
+no TF32 / cuDNN autotuning, teacher in fp32 without its phrase cache) run interleaved window by
 window in one process, so their ratio holds on a noisy, shared machine. With `each=True`
 every speed feature is also switched off alone, which gives its own before/after figure.
 """

@@ -25,20 +25,16 @@ STEP_GAMMA = 0.1
 def build_optimizer(
     param_groups: list[dict[str, Any]], train_cfg: TrainConfig, device_type: str = "cpu"
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups` (each with its own lr); fused kernels on CUDA and the CPU."""
+    """AdamW over `param_groups` (each with its own lr); fused kernels on CUDA."""
     groups = [g for g in param_groups if g.get("params")]
     if not groups:
         raise ValueError("no trainable parameters: every parameter group is empty or frozen")
     # The fused implementation is one kernel per step instead of a loop over tensors; it is
-    # numerically the same algorithm (tests/test_fastpath.py). On the CPU torch's default is a
-    # per-tensor loop, about 6x slower for the R-50 model's ~150M parameters (vgdistill bench).
-    fused = device_type in ("cuda", "cpu")
-    try:
-        return torch.optim.AdamW(
-            groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=fused or None
-        )
-    except RuntimeError:  # torch < 2.4 has no CPU kernel; other devices may have none
-        return torch.optim.AdamW(groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    # numerically the same algorithm, and only exists for accelerator devices.
+    fused = device_type == "cuda"
+    return torch.optim.AdamW(
+        groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=fused
+    )
 
 
 def lr_multiplier(
