@@ -26,15 +26,6 @@ from vgdistill.recipe import from_dict  # noqa: E402
 S, L, B = 64, 12, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP spinning slows tiny ops a lot."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def recipe(backbone="tiny_cnn"):
     """The tiny preset (64 px) with the tiny CLIP config as teacher."""
     return from_dict(

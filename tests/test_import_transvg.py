@@ -36,15 +36,6 @@ IMSIZE, QLEN, BERT_ENC_NUM = 64, 8, 2
 N_VIS = (IMSIZE // 32) ** 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP spinning makes tiny ops 50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class RefEncoderLayer(nn.Module):
     """DETR / TransVG TransformerEncoderLayer.forward_post, sequence-first."""
 

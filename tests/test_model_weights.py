@@ -29,15 +29,6 @@ TOKENIZER_FILES = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP spinning makes tiny ops 50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A random torchvision ResNet-50, a tiny BERT folder and a tiny open_clip folder on disk."""

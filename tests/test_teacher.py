@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -13,15 +12,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from vgdistill.models.epmvg import distill_loss  # noqa: E402
 from vgdistill.models.teacher import IMAGENET_MEAN, IMAGENET_STD, Teacher  # noqa: E402
 from vgdistill.recipe import from_dict  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core box, OpenMP spinning makes tiny ops 50x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def distill_cfg(**kw):

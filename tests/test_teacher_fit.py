@@ -144,17 +144,6 @@ epochs = 1
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and immune to a busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_arch(tmp_path_factory):
     """Register a tiny open_clip config from a temp JSON file."""

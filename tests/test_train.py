@@ -31,15 +31,6 @@ TRAIN_ROWS, VAL_ROWS = 24, 11  # 11: uneven over 2 processes x batch 4
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the CPU is shared, and oversubscribed threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """A tiny prepared shapes dataset and a tiny random CLIP teacher folder."""

@@ -23,15 +23,6 @@ RECIPE = ROOT / "recipes" / "tiny.toml"
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_thread():
-    """One intra-op thread: two shared cores, and oversubscribed threads only spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_overrides(data: Path, *extra: str) -> list[str]:
     """--set options for a tiny, distillation-free run on `data`."""
     return [
