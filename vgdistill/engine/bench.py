@@ -534,6 +534,7 @@ class Rig:
 
     def apply(self, fp: FastPath) -> None:
         """Switch every feature to `fp` (weights stay; optimiser moments start afresh)."""
+        from vgdistill.engine.cuda_flags import set_cuda_speed_flags
         from vgdistill.models.layers import Attention
 
         if fp == self.fp:
@@ -545,8 +546,7 @@ class Rig:
         s.text.set_fast(fp.sdpa)
         s.visual.backbone.set_channels_last(fp.channels_last)
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = fp.tf32
-            torch.backends.cudnn.allow_tf32 = fp.tf32
+            set_cuda_speed_flags(self.device, fp.tf32)
             torch.backends.cudnn.benchmark = fp.cudnn_benchmark
         if self.teacher is not None:
             self.teacher.use_cache = fp.teacher_cache

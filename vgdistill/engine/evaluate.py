@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vgdistill.engine.cuda_flags import set_cuda_speed_flags
 from vgdistill.errors import VGError
 from vgdistill.models.boxes import cxcywh_to_xyxy, paired_box_iou
 
@@ -216,6 +217,7 @@ def evaluate(
         raise VGError(f"unknown control {control!r}; valid: {', '.join(CONTROLS)}")
     if accelerator is None:
         accelerator = make_accelerator(recipe.train.mixed_precision)
+    set_cuda_speed_flags(accelerator.device)
     if dataset is None:
         dataset = load_splits(data_path or recipe.data.path, splits)
     else:

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from vgdistill.data.images import load_image
+from vgdistill.engine.cuda_flags import set_cuda_speed_flags
 from vgdistill.errors import VGError
 
 Box = tuple[float, float, float, float]
@@ -101,6 +102,7 @@ class Predictor:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.checkpoint = resolve_checkpoint(path)
         self.model, self.recipe = load_checkpoint(self.checkpoint, self.device)
+        set_cuda_speed_flags(self.device)
         self.model.eval()
         self.tokenizer = build_tokenizer(self.recipe.model)
         self.image_size = self.recipe.data.image_size

@@ -354,6 +354,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from vgdistill.data.loader import build_loader
+        from vgdistill.engine.cuda_flags import set_cuda_speed_flags
         from vgdistill.engine.evaluate import load_splits
         from vgdistill.engine.optim import build_optimizer, build_scheduler
         from vgdistill.models.factory import build_model, build_tokenizer
@@ -361,11 +362,7 @@ class Trainer:
         r, acc = self.recipe, self.acc
         t = r.train
         device = acc.device
-        if device.type == "cuda":
-            # TF32 matmuls/convolutions and autotuned conv kernels: free speed on Ampere+.
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+        set_cuda_speed_flags(device)
 
         splits = [r.data.train_split, r.data.val_split]
         with acc.main_process_first():
