@@ -236,7 +236,7 @@ def test_bbox_is_tight_around_the_target_colour(rows: list[dict], split: str) ->
 def test_objects_do_not_overlap(rows: list[dict]) -> None:
     for r in rows:
         boxes = [o["bbox_xyxy"] for o in r["objects"]]
-        assert 3 <= len(boxes) <= 5
+        assert 3 <= len(boxes) <= 5 or (r["split"] == "train" and len(boxes) == 2)
         for i in range(len(boxes)):
             for j in range(i + 1, len(boxes)):
                 assert _iou(boxes[i], boxes[j]) == 0
@@ -263,9 +263,22 @@ def test_every_phrase_picks_exactly_its_target(rows: list[dict]) -> None:
         assert any(o["colour"] == target["colour"] or o["shape"] == target["shape"] for o in others)
 
 
+def test_train_lessons_are_two_object_attribute_scenes(rows: list[dict]) -> None:
+    """A quarter of the train images are two-object lessons; no other split has any."""
+    objects = {(r["split"], r["image_id"]): len(r["objects"]) for r in rows}
+    lessons = [k for k, n in objects.items() if n == 2]
+    assert all(split == "train" for split, _ in lessons)
+    n_train = sum(split == "train" for split, _ in objects)
+    assert 0.15 < len(lessons) / n_train < 0.35
+    lesson_rows = [r for r in rows if len(r["objects"]) == 2]
+    assert all("relation" not in parse(r["expression"]) for r in lesson_rows)
+
+
 def test_the_two_test_splits_hold_different_phrase_types(rows: list[dict]) -> None:
     kinds = {split: [] for split in COUNTS}
     for r in rows:
+        if len(r["objects"]) == 2:
+            continue  # train lessons: attribute phrases only (see the test above)
         kinds[r["split"]].append("relation" in parse(r["expression"]))
     assert not any(kinds["testA"]) and all(kinds["testB"])
     share = sum(kinds["train"]) / len(kinds["train"])
