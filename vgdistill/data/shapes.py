@@ -40,7 +40,8 @@ relation needs three objects); val and the test splits always hold 3-5 objects. 
 model trained from scratch first learns to hedge, predicting a box between the objects, because
 committing to one object is only worth it once it also reads the phrase; the published TransVG
 escapes this by starting from a DETR detector. In a two-object scene committing pays off sooner,
-so the lessons shorten that plateau several-fold (1,200 steps to about 300 in the tiny preset).
+so the lessons shorten that plateau: the demo's tiny student climbs from step ~250 on instead of
+idling near 5% Acc@0.5 for over 1,000 steps.
 
 Determinism. Every image is generated from its own numpy Generator seeded with
 (seed, split, image index), so the same seed gives the same bytes, splits are independent and
