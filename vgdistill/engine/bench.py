@@ -545,9 +545,7 @@ class Rig:
                 m.fast = fp.sdpa
         s.text.set_fast(fp.sdpa)
         s.visual.backbone.set_channels_last(fp.channels_last)
-        if self.device.type == "cuda":
-            set_cuda_speed_flags(self.device, fp.tf32)
-            torch.backends.cudnn.benchmark = fp.cudnn_benchmark
+        set_cuda_speed_flags(self.device, tf32=fp.tf32, benchmark=fp.cudnn_benchmark)
         if self.teacher is not None:
             self.teacher.use_cache = fp.teacher_cache
             self.teacher.precision = "bf16" if fp.teacher_bf16 else "fp32"
