@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from vgdistill import atomic
 from vgdistill.cli.app import app
 from vgdistill.data.prepare import DROP_REASONS, MANIFEST, load_prepared, prepare, read_manifest
+from vgdistill.data.shapes import COLOURS, SHAPES
 from vgdistill.data.sources import SOURCES, RawRow, Source, SourceArgs
 from vgdistill.errors import VGError
 
@@ -108,9 +109,11 @@ def test_every_row_is_accounted_for(messy):
         "source",
         "width",
         "height",
+        "objects",
     }
+    assert train["objects"] == [{"category": [], "bbox": []}] * 3  # this source has none
     manifest = read_manifest(out)
-    assert manifest["format_version"] == 1 and manifest["source"] == "messy"
+    assert manifest["format_version"] == 2 and manifest["source"] == "messy"
     assert manifest["unreadable_examples"] and "cut.jpg" in manifest["unreadable_examples"][0]
 
 
@@ -280,6 +283,12 @@ def test_shapes_source_is_deterministic(tmp_path):
     assert row["source"] == "shapes" and (row["width"], row["height"]) == (64, 64)
     x1, y1, x2, y2 = row["bbox"]
     assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64
+    # Every object of the scene is written (for `vgdistill detector`); the target is one.
+    objects = row["objects"]
+    assert 3 <= len(objects["category"]) <= 5
+    assert row["bbox"] in objects["bbox"]
+    size, colour, shape = objects["category"][0].split()
+    assert size in ("small", "large") and colour in COLOURS and shape in SHAPES
     # --rows spreads over the generator's default proportions and sums exactly.
     from vgdistill.data.sources.synthetic import shapes_counts
 

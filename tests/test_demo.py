@@ -30,6 +30,8 @@ def test_demo_chain_end_to_end_then_reuses(tmp_path):
     for res in summary["results"].values():
         assert 0.0 <= res["acc50"] <= 1.0 and "shuffle" in res
     assert summary["teacher_val_retrieval"]["i2t_r1"] >= 0.0
+    assert 0.0 <= summary["detector_val"]["found50"] <= 1.0
+    assert (out / "detector" / "detr.safetensors").is_file()
     assert len(summary["pictures"]) == 4
     assert all((out / "predict" / p.split("/")[-1]).is_file() for p in summary["pictures"])
     assert (out / "student" / "best" / "model.safetensors").is_file()
@@ -37,4 +39,9 @@ def test_demo_chain_end_to_end_then_reuses(tmp_path):
     again = runner.invoke(app, argv)
     assert again.exit_code == 0, again.output
     reused = json.loads((out / "summary.json").read_text())["reused"]
-    assert reused == {"prepare shapes": True, "fit teacher": True, "train student": True}
+    assert reused == {
+        "prepare shapes": True,
+        "pretrain detector": True,
+        "fit teacher": True,
+        "train student": True,
+    }

@@ -58,7 +58,9 @@ class ModelConfig:
         "Torchvision weight name (e.g. IMAGENET1K_V1) or a local .pth/.safetensors; '' = random.",
     )
     detr_checkpoint: str = _f(
-        "", "Local DETR checkpoint (facebookresearch/detr layout) to start from."
+        "",
+        "Local DETR checkpoint to start the visual branch from: facebookresearch/detr's "
+        "layout, or the detr.safetensors that `vgdistill detector` writes.",
     )
     hidden_dim: int = _f(256, "Width of the DETR encoder and the fusion transformer.")
     enc_layers: int = _f(6, "DETR encoder layers.")

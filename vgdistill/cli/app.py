@@ -14,6 +14,7 @@ from vgdistill.cli import (
     ablate_cmd,
     bench_cmd,
     demo_cmd,
+    detector_cmd,
     eval_cmd,
     import_cmd,
     predict_cmd,
@@ -31,7 +32,8 @@ app = typer.Typer(
     help=(
         "Visual grounding with cross-modal distillation: a TransVG student trained with a "
         "frozen CLIP teacher (EpmVG).\n\n"
-        "Typical flow: prepare -> train -> eval -> predict; `ablate` runs the paper's ablations."
+        "Typical flow: prepare -> train -> eval -> predict; `ablate` runs the paper's ablations; "
+        "`demo` runs the whole chain on the bundled synthetic data."
     ),
     pretty_exceptions_enable=False,
 )
@@ -62,6 +64,7 @@ app.command("train")(train_cmd.command)
 app.command("eval")(eval_cmd.command)
 app.command("ablate")(ablate_cmd.command)
 app.command("predict")(predict_cmd.command)
+app.command("detector")(detector_cmd.command)
 app.command("teacher")(teacher_cmd.command)
 app.command("demo")(demo_cmd.command)
 app.command("bench")(bench_cmd.command)

@@ -26,7 +26,8 @@ def command(
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Prepare `shapes`, fit a CLIP teacher, train a distilled student, evaluate, predict.
+    """Prepare `shapes`, pretrain a detector, fit a CLIP teacher, train a distilled student,
+    evaluate, predict.
 
     Runs offline on a laptop CPU in minutes. Re-running reuses every finished stage; a stage
     that was cut off continues where it stopped.
@@ -37,6 +38,12 @@ def command(
         out, recipe or DEMO_RECIPE, set_ or [], console=err_console, progress=progress, rows=rows
     )
     console.print(summary(report))
+    if report.detector:
+        console.print(
+            f"detector on val: {report.detector['found50']:.2f} of objects found at IoU 0.5, "
+            f"category accuracy {report.detector['category_acc']:.2f}",
+            highlight=False,
+        )
     if report.teacher:
         console.print(
             f"teacher retrieval on val (R@1): image->phrase {report.teacher['i2t_r1']:.2f}, "

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-FORMAT_VERSION = 1
+# 2: the `objects` column (every annotated object of the image, for `vgdistill detector`).
+FORMAT_VERSION = 2
 MANIFEST = "prepare.json"
 DROP_REASONS = (
     "missing image",
@@ -71,6 +72,13 @@ def features() -> datasets.Features:
             "source": datasets.Value("string"),
             "width": datasets.Value("int32"),
             "height": datasets.Value("int32"),
+            # Every annotated object of the image (empty when the source has none).
+            "objects": datasets.Sequence(
+                {
+                    "category": datasets.Value("string"),
+                    "bbox": datasets.Sequence(datasets.Value("float32"), length=4),
+                }
+            ),
         }
     )
 
@@ -230,6 +238,19 @@ def clip_box(
     if cx2 - cx1 < MIN_BOX_PX or cy2 - cy1 < MIN_BOX_PX:
         return None, "degenerate box", False
     return (cx1, cy1, cx2, cy2), None, moved > CLIP_TOLERANCE_PX
+
+
+def _objects(
+    objects: tuple[tuple[str, tuple[float, float, float, float]], ...], width: int, height: int
+) -> dict[str, list[Any]]:
+    """The objects column of one row: boxes clipped to the image, degenerate ones dropped."""
+    kept: dict[str, list[Any]] = {"category": [], "bbox": []}
+    for category, box in objects:
+        clipped, _, _ = clip_box(box, width, height)
+        if clipped is not None:
+            kept["category"].append(category)
+            kept["bbox"].append(list(clipped))
+    return kept
 
 
 def _image_key(image: str | bytes) -> str:
@@ -491,6 +512,7 @@ def _build(
                 "source": source.name,
                 "width": stored.width,
                 "height": stored.height,
+                "objects": _objects(cand.row.objects, stored.width, stored.height),
             }
 
     cache_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.cache.", dir=out.parent))

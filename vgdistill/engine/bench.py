@@ -366,6 +366,7 @@ def synthetic_prepared_split(folder: Path, rows: int, image_size: int, seed: int
         "source": ["bench"] * rows,
         "width": [width] * rows,
         "height": [height] * rows,
+        "objects": [{"category": [], "bbox": []}] * rows,
     }
     ds = datasets.Dataset.from_dict(table, features=features())
     ds.save_to_disk(str(folder))

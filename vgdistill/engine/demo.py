@@ -1,5 +1,6 @@
-"""The end-to-end demo: prepare shapes -> fit a CLIP teacher -> train the student with
-distillation -> evaluate (with the shuffled-phrase control) -> ground phrases on test images.
+"""The end-to-end demo: prepare shapes -> pretrain the visual branch as a detector -> fit a
+CLIP teacher -> train the student with distillation -> evaluate (with the shuffled-phrase
+control) -> ground phrases on test images.
 
 Every stage reuses what an earlier run of the demo finished, so a re-run is quick and a
 cut-off run continues where it stopped.
@@ -32,6 +33,7 @@ class DemoReport:
     out: Path
     stages: dict[str, float] = field(default_factory=dict)
     reused: dict[str, bool] = field(default_factory=dict)
+    detector: dict[str, Any] = field(default_factory=dict)
     teacher: dict[str, Any] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
     pictures: list[str] = field(default_factory=list)
@@ -46,9 +48,19 @@ def _stage(report: DemoReport, name: str, console: Console) -> Iterator[None]:
 
 
 def demo_recipe(out: Path, recipe_path: Path, overrides: list[str]) -> Recipe:
-    """The demo recipe with its data and teacher folders placed under `out`."""
+    """The demo recipe with its data, detector and teacher placed under `out`.
+
+    The detector stage runs when the recipe starts from `vgdistill detector` weights (its
+    model.detr_checkpoint names a detr.safetensors); those weights then come from out/detector.
+    """
+    from vgdistill.engine.detector_fit import WEIGHTS_FILE
+
     placed = [f"data.path='{out / 'data'}'", f"distill.teacher='{out / 'teacher'}'"]
-    return load_recipe(recipe_path, placed + overrides)
+    recipe = load_recipe(recipe_path, placed + overrides)
+    if Path(recipe.model.detr_checkpoint).name == WEIGHTS_FILE:
+        placed.append(f"model.detr_checkpoint='{out / 'detector' / WEIGHTS_FILE}'")
+        recipe = load_recipe(recipe_path, placed + overrides)
+    return recipe
 
 
 def run_demo(
@@ -65,6 +77,7 @@ def run_demo(
     """
     from vgdistill.data.prepare import prepare, summary_table
     from vgdistill.data.sources.base import SourceArgs
+    from vgdistill.engine.detector_fit import WEIGHTS_FILE, DetectorSettings, fit_detector
     from vgdistill.engine.evaluate import evaluate, results_table
     from vgdistill.engine.teacher_fit import FitSettings, fit_teacher
     from vgdistill.engine.train import read_summary, train
@@ -80,6 +93,18 @@ def run_demo(
         prepared = prepare("shapes", args, recipe.data.path, console=console, progress=progress)
         report.reused["prepare shapes"] = prepared.reused
         console.print(summary_table(prepared.manifest))
+
+    if Path(recipe.model.detr_checkpoint).name == WEIGHTS_FILE:
+        with _stage(report, "pretrain detector", console):
+            detector = fit_detector(
+                recipe,
+                Path(recipe.model.detr_checkpoint).parent,
+                DetectorSettings(seed=recipe.train.seed),
+                console=console,
+                progress=progress,
+            )
+            report.reused["pretrain detector"] = detector["reused"]
+            report.detector = detector["metrics"]
 
     if recipe.distill.modality != "none":
         with _stage(report, "fit teacher", console):
@@ -146,6 +171,7 @@ def _jsonable(report: DemoReport) -> dict[str, Any]:
         "out": str(report.out),
         "stages_s": {k: round(v, 1) for k, v in report.stages.items()},
         "reused": report.reused,
+        "detector_val": report.detector,
         "teacher_val_retrieval": report.teacher,
         "results": report.results,
         "pictures": report.pictures,

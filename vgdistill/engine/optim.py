@@ -37,6 +37,14 @@ def build_optimizer(
     )
 
 
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to zero at step `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
 def lr_multiplier(
     train_cfg: TrainConfig, total_steps: int, steps_per_epoch: int
 ) -> Callable[[int], float]:
@@ -63,15 +71,7 @@ def lr_multiplier(
 
         return step_schedule
     if name == "cosine":
-
-        def cosine(step: int) -> float:
-            w = warm(step)
-            if w is not None:
-                return w
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        return cosine
+        return lambda step: warmup_cosine(step, warmup, total)
     if name == "poly":
 
         def poly(step: int) -> float:

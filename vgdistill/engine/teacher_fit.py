@@ -469,14 +469,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     ]
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to zero."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 @contextlib.contextmanager
 def _autocast(device: torch.device) -> Iterator[None]:
     import torch
@@ -716,6 +708,8 @@ def _train(
     )
     from torch.utils.data import DataLoader
 
+    from vgdistill.engine.optim import warmup_cosine
+
     model = teacher.clip
     train, val = splits["train"], splits["val"]
     rng = random.Random(settings.seed)
@@ -737,7 +731,7 @@ def _train(
         fused=True,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _lr_factor(s, settings.warmup_steps, total)
+        opt, lambda s: warmup_cosine(s, settings.warmup_steps, total)
     )
     max_scale = math.log(100.0)  # CLIP caps the learned inverse temperature at 100
 

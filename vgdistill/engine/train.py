@@ -330,7 +330,10 @@ class Trainer:
     def _check_folder(self) -> None:
         """Refuse to overwrite a run without --resume, or to resume it with another recipe."""
         recipe_file = self.out / "recipe.toml"
-        existing = recipe_file.exists() or bool(state_dirs(self.out))
+        # A start that failed before training (e.g. a missing weight file) leaves only
+        # recipe.toml behind: nothing to lose, so the same command may simply run again.
+        started = self.out.is_dir() and any(p.name != "recipe.toml" for p in self.out.iterdir())
+        existing = started or bool(state_dirs(self.out))
         if existing and not self.resume:
             raise VGError(
                 f"{self.out} already holds a run; add --resume to continue it, "

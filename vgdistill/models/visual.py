@@ -78,6 +78,11 @@ def load_detr_checkpoint(visual: VisualBranch, path: str | Path) -> dict[str, li
     """
     from vgdistill.models.files import load_state_file
 
+    if not Path(path).is_file():
+        raise VGError(
+            f"model.detr_checkpoint: {path} not found; write one with `vgdistill detector "
+            "RECIPE` (the demo does), or give a facebookresearch/detr checkpoint"
+        )
     state = load_state_file(path)
     mapped, unknown = detr_to_visual_state(state)
     if not mapped:

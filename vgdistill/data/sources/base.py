@@ -15,7 +15,9 @@ class RawRow:
     """One expression as a source reads it, before cleaning.
 
     `image` is a file path (str) or encoded image bytes; `bbox_xyxy` is absolute pixels in the
-    upright image (sources convert xywh to xyxy, nothing else).
+    upright image (sources convert xywh to xyxy, nothing else). `objects` lists every annotated
+    object of the image as (category, box xyxy) when the source knows them (`vgdistill
+    detector` trains on them); sources without such annotations leave it empty.
     """
 
     image: str | bytes
@@ -24,6 +26,7 @@ class RawRow:
     image_id: str
     ref_id: str
     split: str
+    objects: tuple[tuple[str, tuple[float, float, float, float]], ...] = ()
 
 
 @dataclass

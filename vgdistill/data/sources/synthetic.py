@@ -55,7 +55,10 @@ def shapes_rows(args: SourceArgs) -> Iterator[RawRow]:
     from vgdistill.data import shapes
 
     counts = shapes_counts(args)
-    for row in shapes.generate_rows(seed=args.seed, counts=counts, image_size=args.image_size):
+    rows = shapes.generate_rows(
+        seed=args.seed, counts=counts, image_size=args.image_size, with_objects=True
+    )
+    for row in rows:
         yield RawRow(
             image=row["image"],
             expression=row["expression"],
@@ -63,4 +66,11 @@ def shapes_rows(args: SourceArgs) -> Iterator[RawRow]:
             image_id=str(row["image_id"]),
             ref_id=str(row["ref_id"]),
             split=str(row["split"]),
+            objects=tuple(
+                (
+                    f"{o['size']} {o['colour']} {o['shape']}",
+                    tuple(float(v) for v in o["bbox_xyxy"]),  # type: ignore[misc]
+                )
+                for o in row["objects"]
+            ),
         )
