@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from vgdistill import __version__
 from vgdistill.atomic import build_dir, exclusive, write_text
+from vgdistill.engine import fitted
 from vgdistill.errors import NonFiniteLossError, VGError
 
 if TYPE_CHECKING:  # torch stays out of `vgdistill --help`
@@ -290,19 +291,6 @@ def _settings_key(recipe: Recipe, settings: DetectorSettings) -> dict[str, Any]:
     }
 
 
-def read_report(folder: str | Path) -> dict[str, Any] | None:
-    """The detector.json of a complete detector folder, or None when there is none."""
-    folder = Path(folder)
-    path = folder / REPORT_FILE
-    if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
-        return None
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return None
-    return report if isinstance(report, dict) and report.get("complete") else None
-
-
 def fit_detector(
     recipe: Recipe,
     out: str | Path,
@@ -325,16 +313,9 @@ def fit_detector(
     out = Path(out)
     key = _settings_key(recipe, settings)
     with exclusive(out, "another `vgdistill detector`"):
-        existing = read_report(out)
-        if existing is not None and not force:
-            if existing.get("settings") != key:
-                raise VGError(
-                    f"{out} holds a detector trained with other settings; pass --force to "
-                    "retrain it or choose another --out"
-                )
-            return {**existing, "reused": True}
-        if existing is None and out.exists() and any(out.iterdir()):
-            raise VGError(f"{out} exists and is not a detector folder; choose another --out")
+        reused = fitted.reusable_report(out, REPORT_FILE, WEIGHTS_FILE, key, "detector", force)
+        if reused is not None:
+            return reused
 
         t0 = time.perf_counter()
         train_ds = _objects_split(recipe.data.path, recipe.data.train_split)

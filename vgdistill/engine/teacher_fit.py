@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from vgdistill import __version__
 from vgdistill.atomic import build_dir, exclusive, write_text
+from vgdistill.engine import fitted
 from vgdistill.errors import NonFiniteLossError, VGError
 
 if TYPE_CHECKING:  # torch stays out of `vgdistill --help`
@@ -562,19 +563,6 @@ def _settings_key(recipe: Recipe, source: TeacherSource, settings: FitSettings) 
     }
 
 
-def read_report(folder: str | Path) -> dict[str, Any] | None:
-    """The teacher.json of a complete teacher folder, or None when there is none."""
-    folder = Path(folder)
-    path = folder / REPORT_FILE
-    if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
-        return None
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return None
-    return report if isinstance(report, dict) and report.get("complete") else None
-
-
 def save_teacher(model: torch.nn.Module, model_cfg: dict[str, Any], folder: Path) -> None:
     """Write open_clip's local-dir layout (config + safetensors) into `folder`; callers write
     into a `build_dir`, which makes the whole folder appear at once."""
@@ -634,17 +622,11 @@ def fit_teacher(
     key = _settings_key(recipe, source, settings)
 
     with exclusive(out, "another `vgdistill teacher`"):
-        existing = read_report(out)
-        if existing is not None and not force:
-            if existing.get("settings") != key:
-                raise VGError(
-                    f"{out} holds a teacher fitted with other settings; pass --force to refit "
-                    "it or choose another --out"
-                )
-            return {**existing, "reused": True}
-        foreign = existing is None and not (out / CONFIG_FILE).exists()
-        if out.exists() and foreign and any(out.iterdir()):
-            raise VGError(f"{out} exists and is not a teacher folder; choose another --out")
+        reused = fitted.reusable_report(
+            out, REPORT_FILE, WEIGHTS_FILE, key, "teacher", force, marker=CONFIG_FILE
+        )
+        if reused is not None:
+            return reused
 
         t0 = time.perf_counter()
         # both splits are read before any model is built: a bad dataset fails fast
