@@ -214,6 +214,19 @@ def load_prepared(path: str | Path) -> datasets.DatasetDict:
     return loaded
 
 
+def load_split(path: str | Path, split: str) -> datasets.Dataset:
+    """One non-empty split of a prepared dataset (clear errors for a missing dataset or split)."""
+    dd = load_prepared(path)
+    if split not in dd:
+        raise VGError(
+            f"split {split!r} not in {path} (splits: {', '.join(dd)}); "
+            "check data.train_split / data.val_split"
+        )
+    if len(dd[split]) == 0:
+        raise VGError(f"split {split!r} of {path} is empty")
+    return dd[split]
+
+
 # ---------------------------------------------------------------------------------------------
 # Cleaning
 
@@ -605,6 +618,7 @@ __all__ = [
     "features",
     "fingerprint",
     "load_prepared",
+    "load_split",
     "prepare",
     "read_manifest",
     "summary_table",

@@ -58,8 +58,7 @@ def demo_recipe(out: Path, recipe_path: Path, overrides: list[str]) -> Recipe:
     placed = [f"data.path='{out / 'data'}'", f"distill.teacher='{out / 'teacher'}'"]
     recipe = load_recipe(recipe_path, placed + overrides)
     if Path(recipe.model.detr_checkpoint).name == WEIGHTS_FILE:
-        placed.append(f"model.detr_checkpoint='{out / 'detector' / WEIGHTS_FILE}'")
-        recipe = load_recipe(recipe_path, placed + overrides)
+        recipe.model.detr_checkpoint = str(out / "detector" / WEIGHTS_FILE)
     return recipe
 
 

@@ -164,21 +164,15 @@ def _cell(v: float, stride: int, grid: int) -> int:
 
 def _objects_split(path: str, split: str) -> Any:
     """One split of a prepared dataset that carries object boxes (clear errors otherwise)."""
-    from vgdistill.data.prepare import load_prepared
+    from vgdistill.data.prepare import load_split
 
-    dd = load_prepared(path)
-    if split not in dd:
-        raise VGError(
-            f"split {split!r} not in {path} (splits: {', '.join(dd)}); "
-            "check data.train_split / data.val_split"
-        )
-    ds = dd[split]
+    ds = load_split(path, split)
     if "objects" not in ds.column_names or not any(
         len(o["category"]) for o in ds.select(range(min(len(ds), 100)))["objects"]
     ):
         raise VGError(
-            f"{path} has no object boxes to train a detector on (source "
-            f"{ds[0]['source'] if len(ds) else '?'}); `vgdistill prepare shapes` writes them"
+            f"{path} has no object boxes to train a detector on (source {ds[0]['source']}); "
+            "`vgdistill prepare shapes` writes them"
         )
     return ds
 
@@ -376,14 +370,6 @@ def _train(
 ) -> dict[str, Any]:
     """The training loop; one metrics.jsonl line per EVAL_EVERY steps into `folder`."""
     import torch
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from torch.utils.data import DataLoader
 
     from vgdistill.engine.optim import warmup_cosine
@@ -409,17 +395,7 @@ def _train(
     step, t0, history = 0, time.perf_counter(), []
     parts: dict[str, float] = {}
     with (
-        Progress(
-            TextColumn("[bold]detector[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not show_progress,
-            transient=True,
-        ) as bar,
+        fitted.fit_progress("[bold]detector[/]", console, show_progress) as bar,
         open(folder / METRICS_FILE, "w", encoding="utf-8") as metrics,
     ):
         task = bar.add_task("fit", total=settings.steps, loss="-")

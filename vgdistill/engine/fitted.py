@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vgdistill.errors import VGError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
 
 
 def read_report(folder: str | Path, report_file: str, weights_file: str) -> dict[str, Any] | None:
@@ -56,3 +60,27 @@ def reusable_report(
     if out.exists() and not ours and any(out.iterdir()):
         raise VGError(f"{out} exists and is not a {what} folder; choose another --out")
     return None
+
+
+def fit_progress(title: str, console: Console, enabled: bool) -> Progress:
+    """The transient progress bar of a fitting stage; its task needs a `loss` field."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(title),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=True,
+    )

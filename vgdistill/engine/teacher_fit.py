@@ -245,21 +245,6 @@ def default_out(recipe: Recipe, recipe_path: str | Path) -> Path:
 # --------------------------------------------------------------------------- data
 
 
-def _load_split(path: str, split: str) -> Any:
-    """One split of a prepared dataset (clear errors for a missing dataset or split)."""
-    from vgdistill.data.loader import load_prepared
-
-    dd = load_prepared(path)
-    if split not in dd:
-        raise VGError(
-            f"split {split!r} not in {path} (splits: {', '.join(dd)}); "
-            "check data.train_split / data.val_split"
-        )
-    if len(dd[split]) == 0:
-        raise VGError(f"split {split!r} of {path} is empty")
-    return dd[split]
-
-
 def normalise_phrase(text: str) -> str:
     """The key under which two phrases count as the same text (case and spacing ignored)."""
     return " ".join(text.lower().split())
@@ -499,7 +484,9 @@ def load_split_pairs(
     cache: decode every distinct image once and keep it (default: when they fit in
     CACHE_LIMIT_BYTES and there is no augmentation).
     """
-    ds = _load_split(recipe.data.path, split)
+    from vgdistill.data.prepare import load_split
+
+    ds = load_split(recipe.data.path, split)
     table = PairTable.from_split(ds)
     frames = Frames(ds, table, recipe.data.image_size, augment)
     if frames.cacheable() if cache is None else cache:
@@ -629,9 +616,11 @@ def fit_teacher(
             return reused
 
         t0 = time.perf_counter()
+        from vgdistill.data.prepare import load_split
+
         # both splits are read before any model is built: a bad dataset fails fast
         for split in (recipe.data.train_split, recipe.data.val_split):
-            _load_split(recipe.data.path, split)
+            load_split(recipe.data.path, split)
         torch.manual_seed(settings.seed)
         device = _device()
         model = create_model(source)
@@ -680,14 +669,6 @@ def _train(
     """The contrastive loop; appends one metrics.jsonl line per epoch into `folder`."""
     import open_clip
     import torch
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
     from torch.utils.data import DataLoader
 
     from vgdistill.engine.optim import warmup_cosine
@@ -724,16 +705,10 @@ def _train(
     teacher.train()
     t0 = time.perf_counter()
     with (
-        Progress(
-            TextColumn("[bold]teacher[/] epoch {task.fields[epoch]}/" + str(settings.epochs)),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not show_progress,
-            transient=True,
+        fitted.fit_progress(
+            "[bold]teacher[/] epoch {task.fields[epoch]}/" + str(settings.epochs),
+            console,
+            show_progress,
         ) as bar,
         open(folder / METRICS_FILE, "w", encoding="utf-8") as log,
     ):
