@@ -170,6 +170,25 @@ def test_eval_is_deterministic_centred_and_maps_back():
     assert torch.equal(p.image, a.image) and p.box is None and (p.scale, p.pad) == (a.scale, a.pad)
 
 
+def test_flip_only_keeps_the_frame_and_mirrors_image_box_and_phrase():
+    img = _target_image(64, 64, [4, 10, 20, 30])
+    plain = GroundingTransform(64, augment=False)(img, [4, 10, 20, 30], "the left cup")
+    t = GroundingTransform(64, augment=True, ops=("flip",))
+    seen = set()
+    for seed in range(30):
+        out = t(img, [4, 10, 20, 30], "the left cup", random.Random(seed))
+        seen.add(out.flipped)
+        if out.flipped:
+            # Nothing but the mirror: no resize, jitter or shift.
+            assert torch.equal(out.image, plain.image.flip(-1))
+            assert_close(out.box_xyxy, [44, 10, 60, 30], tol=1e-6)
+            assert out.phrase == "the right cup"
+        else:
+            assert torch.equal(out.image, plain.image) and out.phrase == "the left cup"
+            assert_close(out.box_xyxy, [4, 10, 20, 30], tol=1e-6)
+    assert seen == {True, False}
+
+
 def test_spatial_words_skip_the_crop():
     img = _target_image(200, 160, [150, 20, 190, 60])
     t = GroundingTransform(64, augment=True)

@@ -382,3 +382,12 @@ def test_tokenizers_are_offline():
     assert enc["input_ids"][0] == [101, 1996, 2158, 2006, 1996, 2187, 102, 0]
     with pytest.raises(VGError, match="text_layer = 12"):
         build_model(tiny_recipe(model={"text_layer": 12, "text_config": {}}), load_weights=False)
+
+
+def test_embed_init_std_sets_the_reg_token_and_position_scale():
+    default = build_model(tiny_recipe(), load_weights=False)
+    small = build_model(tiny_recipe(model={"embed_init_std": 0.02}), load_weights=False)
+    # TransVG's nn.Embedding default is N(0, 1); the recipe key scales both tables.
+    assert 0.8 < default.vl_pos_embed.weight.std().item() < 1.2
+    for table in (small.reg_token.weight, small.vl_pos_embed.weight):
+        assert 0.015 < table.std().item() < 0.025

@@ -60,6 +60,7 @@ def test_misspelled_key_names_key_and_suggestion(tmp_path):
         ("[distill]\nloss = 'hinge'\n", "cosine, l1, mse"),
         ("[trian]\nlr = 1.0\n", "did you mean train"),
         ("[model]\npreset = 'r18'\n", "valid presets"),
+        ("[data]\naugment_ops = ['flip', 'rotate']\n", "'rotate'; choose from: resize, crop"),
         ("[train\n", "not valid TOML"),
     ],
 )

@@ -28,6 +28,10 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata=meta)
 
 
+# TransVG's training augmentations, each of which `data.augment_ops` can leave out.
+AUGMENTATIONS = ("resize", "crop", "jitter", "flip", "translate")
+
+
 @dataclass
 class DataConfig:
     """Where the prepared dataset lives and how samples are turned into tensors."""
@@ -38,6 +42,10 @@ class DataConfig:
     image_size: int = _f(640, "Images are resized and padded to this square size.")
     max_query_len: int = _f(20, "Phrases are tokenized to this many tokens ([CLS]+...+[SEP]).")
     augment: bool = _f(True, "TransVG augmentation (resize/crop, colour jitter, flip) in training.")
+    augment_ops: list[str] = _f(
+        list(AUGMENTATIONS),
+        "Which augmentations `augment` applies: resize, crop, jitter, flip, translate.",
+    )
     num_workers: int = _f(4, "DataLoader worker processes per training process.")
 
 
@@ -70,6 +78,9 @@ class ModelConfig:
     fusion_heads: int = _f(8, "Fusion transformer attention heads.")
     fusion_ffn: int = _f(2048, "Fusion transformer feed-forward width.")
     dropout: float = _f(0.1, "Dropout in the encoder and fusion transformers.")
+    embed_init_std: float = _f(
+        1.0, "Initial std of the [REG] token and fusion position embedding (TransVG: 1.0)."
+    )
     text_model: str = _f(
         "bert-base-uncased", "BERT name or local folder; 'minilm' = the offline all-MiniLM-L6-v2."
     )
@@ -324,6 +335,12 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
                 raise VGError(
                     f"{source}: {section}.{f.name} = {value!r} is not one of: {', '.join(choices)}"
                 )
+    bad_ops = [op for op in recipe.data.augment_ops if op not in AUGMENTATIONS]
+    if bad_ops:
+        raise VGError(
+            f"{source}: data.augment_ops holds {', '.join(map(repr, bad_ops))}; "
+            f"choose from: {', '.join(AUGMENTATIONS)}"
+        )
     t, d, m = recipe.train, recipe.distill, recipe.model
     non_negative = {
         "train.lr": t.lr,
@@ -354,6 +371,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         "eval.batch_size": recipe.eval.batch_size,
         "model.hidden_dim": m.hidden_dim,
         "model.text_layer": m.text_layer,
+        "model.embed_init_std": m.embed_init_std,
     }
     for key, value in positive.items():
         if value <= 0:

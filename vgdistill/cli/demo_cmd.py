@@ -22,9 +22,19 @@ def command(
     set_: SetOption = None,
     rows: Annotated[
         int | None,
-        typer.Option(help="Rows of shapes data over all splits (default: 9,500).", min=20),
+        typer.Option(
+            help="Rows of shapes data over all splits (default: 33,500, of which 32,000 train).",
+            min=20,
+        ),
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Redo every stage, replacing what an earlier demo left under --out (needed "
+            "when an upgrade changed the demo's settings)."
+        ),
+    ] = False,
 ) -> None:
     """Prepare `shapes`, pretrain a detector, fit a CLIP teacher, train a distilled student,
     evaluate, predict.
@@ -35,7 +45,13 @@ def command(
     from vgdistill.engine.demo import DEMO_RECIPE, run_demo, stage_lines, summary
 
     report = run_demo(
-        out, recipe or DEMO_RECIPE, set_ or [], console=err_console, progress=progress, rows=rows
+        out,
+        recipe or DEMO_RECIPE,
+        set_ or [],
+        console=err_console,
+        progress=progress,
+        rows=rows,
+        force=force,
     )
     console.print(summary(report))
     if report.detector:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from vgdistill.data.images import load_image
 from vgdistill.data.prepare import load_prepared
 from vgdistill.data.transforms import GroundingTransform
+from vgdistill.recipe import AUGMENTATIONS
 
 if TYPE_CHECKING:
     import datasets
@@ -70,6 +72,7 @@ class GroundingDataset(Dataset):
         max_query_len: int,
         train: bool,
         augment: bool,
+        augment_ops: Sequence[str] = AUGMENTATIONS,
     ) -> None:
         import datasets
 
@@ -81,7 +84,7 @@ class GroundingDataset(Dataset):
         self.tokenizer = tokenizer
         self.max_query_len = int(max_query_len)
         self.train = train
-        self.transform = GroundingTransform(image_size, augment=train and augment)
+        self.transform = GroundingTransform(image_size, augment=train and augment, ops=augment_ops)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -144,6 +147,7 @@ def build_loader(
         max_query_len=data_cfg.max_query_len,
         train=train,
         augment=data_cfg.augment,
+        augment_ops=data_cfg.augment_ops,
     )
     workers = data_cfg.num_workers if num_workers is None else int(num_workers)
     if workers > 0:

@@ -9,6 +9,8 @@ Train (TransVG, sizes scaled by image_size / 640 so a 64-px recipe gets the same
   colour jitter (brightness/contrast/saturation 0.4) with p = 0.8;
   horizontal flip with p = 0.5, swapping the whole words left <-> right ("bright" stays);
   pad to S x S at a random position; ImageNet normalisation; mask True on padding.
+  `ops` (recipe key data.augment_ops) leaves any of resize, crop, jitter, flip and translate
+  out: without resize the long side goes to S, without translate the padding is centred.
 Eval: resize the long side to S, pad centred (top = round(dh/2 - 0.1), as the reference does).
 
 Boxes are absolute pixel xyxy in continuous coordinates (pixel i spans [i, i+1]), so a resize
@@ -20,11 +22,14 @@ from __future__ import annotations
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
+
+from vgdistill.recipe import AUGMENTATIONS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -225,9 +230,10 @@ class Transformed:
 class GroundingTransform:
     """TransVG preprocessing: `augment=True` for training, else the deterministic eval path."""
 
-    def __init__(self, image_size: int, augment: bool) -> None:
+    def __init__(self, image_size: int, augment: bool, ops: Sequence[str] = AUGMENTATIONS) -> None:
         self.size = int(image_size)
         self.augment = augment
+        self.ops = frozenset(ops)
         self.sizes = AugmentSizes.for_size(self.size)
 
     def __call__(
@@ -297,22 +303,26 @@ class GroundingTransform:
             affine.scale(wh[0] / im.width, wh[1] / im.height)
             return resize(im, b, *wh)
 
-        if not has_spatial_word(phrase) and rng.random() < CROP_PROB:
+        ops = self.ops
+        if "crop" in ops and not has_spatial_word(phrase) and rng.random() < CROP_PROB:
             short = rng.choice(sz.short_sides)
             img, box = do_resize(img, box, short_side_size(img.width, img.height, short))
             region = sample_crop(img.size, box, sz.crop_min, sz.crop_max, rng)
             if region is not None:
                 img, box = crop(img, box, region)
                 affine.shift(-region[0], -region[1])
-        long = rng.choice(sz.long_sides)
+        long = rng.choice(sz.long_sides) if "resize" in ops else self.size
         img, box = do_resize(img, box, long_side_size(img.width, img.height, long))
-        if rng.random() < JITTER_PROB:
+        if "jitter" in ops and rng.random() < JITTER_PROB:
             img = colour_jitter(img, rng)
-        flipped = rng.random() < FLIP_PROB
+        flipped = "flip" in ops and rng.random() < FLIP_PROB
         if flipped:
             affine.mirror(img.width)
             img, box = hflip(img, box)
             phrase = swap_left_right(phrase)
-        left = rng.randint(0, self.size - img.width)
-        top = rng.randint(0, self.size - img.height)
+        if "translate" in ops:
+            left = rng.randint(0, self.size - img.width)
+            top = rng.randint(0, self.size - img.height)
+        else:
+            left, top = centred_padding(img.width, img.height, self.size)
         return self._finish(img, box, phrase, affine, left, top, flipped)

@@ -60,7 +60,7 @@ EVAL_EVERY = 100  # steps between validation lines in metrics.jsonl
 class DetectorSettings:
     """How the detector is trained; recorded in detector.json (equal settings are reused)."""
 
-    steps: int = 400
+    steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4

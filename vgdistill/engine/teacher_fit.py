@@ -38,6 +38,7 @@ from vgdistill import __version__
 from vgdistill.atomic import build_dir, exclusive, write_text
 from vgdistill.engine import fitted
 from vgdistill.errors import NonFiniteLossError, VGError
+from vgdistill.recipe import AUGMENTATIONS
 
 if TYPE_CHECKING:  # torch stays out of `vgdistill --help`
     import torch
@@ -327,7 +328,14 @@ class Frames:
     distinct images can be decoded once and kept (float16) in memory.
     """
 
-    def __init__(self, ds: Any, table: PairTable, image_size: int, augment: bool):
+    def __init__(
+        self,
+        ds: Any,
+        table: PairTable,
+        image_size: int,
+        augment: bool,
+        augment_ops: Sequence[str] = AUGMENTATIONS,
+    ):
         import datasets
 
         from vgdistill.data.transforms import GroundingTransform
@@ -336,7 +344,7 @@ class Frames:
         self.ds = ds.select_columns(cols).cast_column("image", datasets.Image(decode=False))
         self.table = table
         self.size = int(image_size)
-        self.transform = GroundingTransform(self.size, augment=augment)
+        self.transform = GroundingTransform(self.size, augment=augment, ops=augment_ops)
         self.cache: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -488,7 +496,7 @@ def load_split_pairs(
 
     ds = load_split(recipe.data.path, split)
     table = PairTable.from_split(ds)
-    frames = Frames(ds, table, recipe.data.image_size, augment)
+    frames = Frames(ds, table, recipe.data.image_size, augment, recipe.data.augment_ops)
     if frames.cacheable() if cache is None else cache:
         frames.load_cache(recipe.data.num_workers)
     texts, positives = table.positives()
@@ -546,6 +554,7 @@ def _settings_key(recipe: Recipe, source: TeacherSource, settings: FitSettings) 
         "val_split": recipe.data.val_split,
         "image_size": recipe.data.image_size,
         "augment": recipe.data.augment,
+        "augment_ops": recipe.data.augment_ops,
         "fit": dataclasses.asdict(settings),
     }
 
