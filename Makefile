@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/vgdistill demo
+	$(BIN)/vgdistill demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check vgdistill tests
