@@ -38,7 +38,6 @@ from vgdistill import __version__
 from vgdistill.atomic import build_dir, exclusive, write_text
 from vgdistill.engine import fitted
 from vgdistill.errors import NonFiniteLossError, VGError
-from vgdistill.recipe import AUGMENTATIONS
 
 if TYPE_CHECKING:  # torch stays out of `vgdistill --help`
     import torch
@@ -334,7 +333,7 @@ class Frames:
         table: PairTable,
         image_size: int,
         augment: bool,
-        augment_ops: Sequence[str] = AUGMENTATIONS,
+        augment_ops: Sequence[str],
     ):
         import datasets
 
