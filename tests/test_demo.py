@@ -45,3 +45,9 @@ def test_demo_chain_end_to_end_then_reuses(tmp_path):
         "fit teacher": True,
         "train student": True,
     }
+
+    # Other student settings (as after an upgrade) are refused with the fix, nothing lost.
+    changed = runner.invoke(app, [*argv, "--set", "train.max_steps=4"])
+    assert changed.exit_code == 2
+    assert "trained with other settings (train.max_steps); pass --force" in changed.output
+    assert (out / "student" / "best" / "model.safetensors").is_file()

@@ -54,6 +54,12 @@ def test_scheduler_keeps_group_ratios():
     assert lrs[1] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+def test_optimizer_is_fused_where_torch_has_the_kernel():
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 1e-4}]
+    assert build_optimizer(groups, _cfg(), "cpu").defaults["fused"]
+    assert not build_optimizer(groups, _cfg(), "mps").defaults["fused"]
+
+
 def test_optimizer_refuses_no_parameters():
     with pytest.raises(ValueError, match="no trainable"):
         build_optimizer([{"params": [], "lr": 1e-4}], _cfg(), "cpu")

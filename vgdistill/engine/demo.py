@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vgdistill.atomic import write_text
+from vgdistill.errors import VGError
 from vgdistill.recipe import Recipe, load_recipe
 
 DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.toml"
@@ -90,7 +91,7 @@ def run_demo(
     from vgdistill.engine.detector_fit import WEIGHTS_FILE, DetectorSettings, fit_detector
     from vgdistill.engine.evaluate import evaluate, results_table
     from vgdistill.engine.teacher_fit import FitSettings, fit_teacher
-    from vgdistill.engine.train import read_summary, train
+    from vgdistill.engine.train import RecipeMismatch, read_summary, train
     from vgdistill.models.checkpoint import load_checkpoint
 
     console = console or Console(stderr=True)
@@ -143,7 +144,15 @@ def run_demo(
         if force and run_dir.exists():
             shutil.rmtree(run_dir)  # --force: the demo's own earlier student is replaced
         done = (read_summary(run_dir) or {}).get("finished", False) if run_dir.exists() else False
-        train(recipe, run_dir, resume=True, show_progress=progress, command_hint="vgdistill demo")
+        try:
+            train(
+                recipe, run_dir, resume=True, show_progress=progress, command_hint="vgdistill demo"
+            )
+        except RecipeMismatch as e:
+            raise VGError(
+                f"{run_dir} holds a student trained with other settings ({e.keys}); pass --force "
+                "to train it again or choose another --out"
+            ) from None
         report.reused["train student"] = bool(done)
 
     with _stage(report, "evaluate", console):

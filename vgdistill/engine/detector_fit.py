@@ -387,7 +387,7 @@ def _train(
     )
     val_loader = DataLoader(data["val"], batch_size=256, num_workers=workers)
     params = [p for p in [*visual.parameters(), *head.parameters()] if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: warmup_cosine(s, settings.warmup_steps, settings.steps)
     )

@@ -58,6 +58,14 @@ SUMMARY_NAME = "train_summary.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+class RecipeMismatch(VGError):
+    """A resume refused because the run folder was trained with another recipe."""
+
+    def __init__(self, message: str, keys: str) -> None:
+        super().__init__(message)
+        self.keys = keys  # the differing recipe keys, as the message shows them
+
+
 class TrainInterrupted(VGError):
     """Training stopped on request (Ctrl-C / SIGTERM) after saving a resumable state."""
 
@@ -347,9 +355,10 @@ class Trainer:
             changed = _recipe_changes(old, self.recipe)
             if changed:
                 shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
-                raise VGError(
+                raise RecipeMismatch(
                     f"cannot resume {self.out}: the recipe differs from its recipe.toml in "
-                    f"{shown}; use the same recipe and --set options, or another --out"
+                    f"{shown}; use the same recipe and --set options, or another --out",
+                    shown,
                 )
 
     def _build(self) -> None:
