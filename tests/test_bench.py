@@ -79,7 +79,7 @@ def test_bench_json_on_tiny_preset(tmp_path):
     assert data["images_per_s_one_process"] > 0 and data["workers_to_keep_up"] >= 1
     # --each: every feature that is on for this recipe on a CPU, switched off alone.
     names = {o["name"] for o in r["optimisations"]}
-    assert names == {"sdpa", "channels_last", "teacher_cache"}  # fused AdamW: CUDA only
+    assert names == {"sdpa", "channels_last", "teacher_cache", "fused_adamw"}
     assert all(o["on_images_per_s"] > 0 and o["off_images_per_s"] > 0 for o in r["optimisations"])
     assert r["fast_path"]["sdpa"] and not r["fast_path"]["tf32"]  # TF32 is CUDA-only
     # Every step of the fast path found its phrases in the prewarmed cache.
