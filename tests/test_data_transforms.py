@@ -252,3 +252,35 @@ def test_sizes_scale_with_image_size():
     assert tiny.long_sides[0] == 64 and tiny.long_sides[-1] == 45
     assert tiny.short_sides == (40, 50, 60) and (tiny.crop_min, tiny.crop_max) == (38, 60)
     assert long_side_size(100, 50, 64) == (64, 32) and short_side_size(100, 50, 40) == (80, 40)
+
+
+@FAST
+@given(
+    st.integers(8, 200),
+    st.integers(8, 200),
+    st.lists(st.floats(0, 1), min_size=4, max_size=4),
+    st.booleans(),
+)
+def test_fixed_boxes_match_the_fixed_transform(w, h, frac, flipped):
+    # The visual cache computes every row's target box without pixels: it must be the box
+    # that the pixel transform gives for the same flip.
+    x1, x2 = sorted((frac[0] * w, frac[1] * w))
+    y1, y2 = sorted((frac[2] * h, frac[3] * h))
+    box = [x1, y1, x2, y2]
+    t = GroundingTransform(64, augment=False)
+    want = t.fixed(Image.new("RGB", (w, h)), box, "the left one", flipped)
+    got = t.fixed_boxes(np.array([[w, h]]), np.array([box]), flipped)[0]
+    np.testing.assert_allclose(got, want.box.numpy(), atol=1e-6)
+    assert want.flipped == flipped
+    assert want.phrase == ("the right one" if flipped else "the left one")
+
+
+def test_flip_only_training_is_the_fixed_transform_of_its_draw():
+    img = _target_image(90, 50, [10, 5, 40, 30])
+    fixed = GroundingTransform(64, augment=False)
+    train = GroundingTransform(64, augment=True, ops=("flip",))
+    for seed in range(12):
+        out = train(img, [10, 5, 40, 30], "the left cup", random.Random(seed))
+        want = fixed.fixed(img, [10, 5, 40, 30], "the left cup", out.flipped)
+        assert torch.equal(out.image, want.image) and torch.equal(out.mask, want.mask)
+        assert torch.allclose(out.box, want.box, atol=1e-6) and out.phrase == want.phrase

@@ -391,3 +391,27 @@ def test_embed_init_std_sets_the_reg_token_and_position_scale():
     assert 0.8 < default.vl_pos_embed.weight.std().item() < 1.2
     for table in (small.reg_token.weight, small.vl_pos_embed.weight):
         assert 0.015 < table.std().item() < 0.025
+
+
+def test_frozen_parts_stay_in_eval_mode_while_training():
+    r = tiny_recipe(train={"lr_backbone": 0.0, "lr_encoder": 0.0, "lr_text": 1e-4})
+    m = build_model(r, load_weights=False)
+    m.param_groups(r.train)  # applies the freezing
+    m.train()
+    assert not m.visual.backbone.training and not m.visual.encoder.training
+    assert m.text.training and m.fusion.training
+    # BatchNorm statistics of the frozen backbone do not move in a training forward.
+    stats = {k: v.clone() for k, v in m.visual.backbone.state_dict().items()}
+    run(m, make_batch())
+    assert all(torch.equal(v, m.visual.backbone.state_dict()[k]) for k, v in stats.items())
+    m.eval()
+    assert not m.fusion.training
+
+
+def test_cached_visual_tokens_give_the_same_prediction(model):
+    batch = make_batch()
+    tokens, pad, _ = model.visual(batch["image"], batch["image_mask"].bool())
+    direct = run(model, batch)
+    cached = model(None, None, batch["input_ids"], batch["attention_mask"], visual=(tokens, pad))
+    assert torch.equal(direct.pred_boxes, cached.pred_boxes)
+    assert torch.equal(direct.student_img, cached.student_img)

@@ -340,3 +340,86 @@ def test_ctrl_c_saves_a_resumable_state(assets, tmp_path):
     step = re.search(r"interrupted at step (\d+)", err)
     assert step, err[-2000:]
     assert (out / "state" / f"step-{step.group(1)}" / "model.safetensors").is_file()
+
+
+FROZEN_FLIP = (
+    "train.lr_backbone=0.0",
+    "train.lr_encoder=0.0",
+    "data.augment=true",
+    'data.augment_ops=["flip"]',
+)
+
+
+def _built(r, out: Path):
+    from vgdistill.engine.train import Trainer
+
+    trainer = Trainer(r, out, show_progress=False)
+    trainer.acc = trainer._make_accelerator()
+    trainer._build()
+    return trainer
+
+
+def test_frozen_visual_branch_trains_from_cached_tokens(assets, tmp_path):
+    import datasets
+
+    from vgdistill.data.images import load_image
+    from vgdistill.data.loader import collate, encode_phrase
+    from vgdistill.data.transforms import GroundingTransform
+    from vgdistill.engine.visual_cache import CachedRows
+
+    trainer = _built(recipe(assets, *FROZEN_FLIP), tmp_path / "probe")
+    rows = trainer.seeded
+    assert isinstance(rows, CachedRows) and len(rows) == TRAIN_ROWS
+    assert rows.cache.tokens.shape[:2] == (TRAIN_ROWS // 2, 2)  # 2 rows per image, 2 flips
+    flips = [rows.flipped(i) for i in range(TRAIN_ROWS)]
+    assert any(flips) and not all(flips)
+
+    # A cached batch gives the loss that the same rows, flipped the same way, give from pixels.
+    idx = list(range(8))
+    split = trainer.data["train"].cast_column("image", datasets.Image(decode=False))
+    transform = GroundingTransform(64, augment=False)
+    samples = []
+    for i in idx:
+        row = split[i]
+        img = load_image(row["image"]["bytes"])
+        out = transform.fixed(img, row["bbox"], row["expression"], flips[i])
+        ids, mask = encode_phrase(trainer.tokenizer, out.phrase, 12)
+        samples.append(
+            {
+                "image": out.image,
+                "image_mask": out.mask,
+                "input_ids": torch.tensor(ids),
+                "attention_mask": torch.tensor(mask),
+                "boxes": out.box,
+                "phrases": out.phrase,
+            }
+        )
+    module = trainer.module.eval()  # no dropout in BERT, so both forwards are comparable
+    with torch.no_grad():
+        from_pixels, parts_pixels = module(collate(samples))
+        cached, parts_cached = module(rows.__getitems__(idx))
+    assert torch.allclose(from_pixels, cached, atol=1e-5), (from_pixels, cached)
+    assert parts_cached["loss_distill_img"] > 0
+    assert torch.allclose(parts_pixels["loss_distill_img"], parts_cached["loss_distill_img"])
+
+
+def test_cached_run_resumes_bit_identically(assets, tmp_path):
+    from vgdistill.engine.train import TrainInterrupted, train
+
+    r = recipe(assets, *FROZEN_FLIP)
+    train(r, tmp_path / "whole", show_progress=False)
+    with pytest.raises(TrainInterrupted):
+        train(r, tmp_path / "resumed", stop_at_step=4, show_progress=False)
+    train(r, tmp_path / "resumed", resume=True, show_progress=False)
+    whole = load_file(tmp_path / "whole" / "last" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "last" / "model.safetensors")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_cache_too_large_for_its_budget_trains_from_pixels(assets, tmp_path, caplog):
+    from vgdistill.engine.train import SeededDataset
+
+    with caplog.at_level("INFO", logger="vgdistill"):
+        trainer = _built(recipe(assets, *FROZEN_FLIP, "train.visual_cache_gb=1e-9"), tmp_path)
+    assert isinstance(trainer.seeded, SeededDataset)
+    assert "train.visual_cache_gb" in caplog.text

@@ -148,6 +148,11 @@ class TrainConfig:
     warmup_steps: int = _f(0, "Linear warm-up steps (cosine and poly schedules).")
     mixed_precision: str = _f("no", "Autocast precision.", ("no", "bf16", "fp16"))
     compile: bool = _f(False, "torch.compile the student.")
+    visual_cache_gb: float = _f(
+        4.0,
+        "Memory for computing a frozen visual branch (lr_backbone = lr_encoder = 0, augment_ops "
+        "at most ['flip']) once per image instead of every step; 0 = off.",
+    )
     eval_every: int = _f(1, "Evaluate on the validation split every N epochs.")
     log_every: int = _f(10, "Log metrics every N optimiser steps.")
     save_every: int = _f(0, "Also save a resumable checkpoint every N steps; 0 = each epoch.")
@@ -356,6 +361,7 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         "train.max_steps": t.max_steps,
         "train.warmup_steps": t.warmup_steps,
         "train.save_every": t.save_every,
+        "train.visual_cache_gb": t.visual_cache_gb,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -252,10 +252,38 @@ class GroundingTransform:
         if self.augment:
             out = self._train(img, box, phrase, rng or random.Random())
         else:
-            out = self._eval(img, box, phrase)
+            out = self._eval(img, box, phrase, flipped=False)
         if box_xyxy is None:
             out.box = out.box_xyxy = None
         return out
+
+    def fixed(
+        self, img: Image.Image, box_xyxy: np.ndarray | list[float], phrase: str, flipped: bool
+    ) -> Transformed:
+        """The eval transform, mirrored when `flipped`: training's output for that flip draw
+        whenever augment_ops holds nothing but "flip" (no resize, crop, jitter or translate)."""
+        return self._eval(img, np.asarray(box_xyxy, dtype=np.float64).copy(), phrase, flipped)
+
+    def fixed_boxes(self, sizes: np.ndarray, boxes: np.ndarray, flipped: bool) -> np.ndarray:
+        """`fixed`'s target boxes without touching pixels: sizes [N,2] (width, height) and
+        pixel xyxy boxes [N,4] -> normalised cxcywh [N,4] in the padded frame (float32)."""
+        sizes = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+        b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        # The same rounding as long_side_size and the per-axis factors of resize().
+        s = self.size / sizes.max(axis=1)
+        new = np.maximum(1, np.round(sizes * s[:, None]))
+        f = new / sizes
+        b = b * np.concatenate([f, f], axis=1)
+        if flipped:
+            b = np.stack([new[:, 0] - b[:, 2], b[:, 1], new[:, 0] - b[:, 0], b[:, 3]], axis=1)
+        b = np.clip(b, 0, np.concatenate([new, new], axis=1))
+        dw, dh = self.size - new[:, 0], self.size - new[:, 1]
+        # centred_padding's rounding, vectorised (np.round and round() both round half to even).
+        offset = np.stack([np.round(dw / 2.0 - 0.1), np.round(dh / 2.0 - 0.1)], axis=1)
+        b = b + np.concatenate([offset, offset], axis=1)
+        x1, y1, x2, y2 = b.T
+        cxcywh = np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], axis=1)
+        return (cxcywh / self.size).astype(np.float32)
 
     def _finish(
         self,
@@ -285,15 +313,19 @@ class GroundingTransform:
             flipped=flipped,
         )
 
-    def _eval(self, img: Image.Image, box: Box, phrase: str) -> Transformed:
+    def _eval(self, img: Image.Image, box: Box, phrase: str, flipped: bool) -> Transformed:
         affine = Affine()
         w, h = long_side_size(img.width, img.height, self.size)
         s = self.size / max(img.width, img.height)
         img, box = resize(img, box, w, h)
         # The reference maps predictions back with one ratio; keep that (not per-axis rounding).
         affine.scale(s, s)
+        if flipped:
+            affine.mirror(img.width)
+            img, box = hflip(img, box)
+            phrase = swap_left_right(phrase)
         left, top = centred_padding(img.width, img.height, self.size)
-        return self._finish(img, box, phrase, affine, left, top, flipped=False)
+        return self._finish(img, box, phrase, affine, left, top, flipped)
 
     def _train(self, img: Image.Image, box: Box, phrase: str, rng: random.Random) -> Transformed:
         affine = Affine()

@@ -168,24 +168,31 @@ class StudentWithTeacher(nn.Module):
         return self.teacher if self.teacher_trainable else self.frozen_teacher
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and its detached parts for one batch."""
+        """Total loss and its detached parts for one batch (pixels, or cached visual tokens)."""
+        cached = "visual_tokens" in batch
         out = self.student(
-            batch["image"], batch["image_mask"], batch["input_ids"], batch["attention_mask"]
+            batch.get("image"),
+            batch.get("image_mask"),
+            batch["input_ids"],
+            batch["attention_mask"],
+            visual=(batch["visual_tokens"], batch["visual_pad"]) if cached else None,
         )
-        t_img = t_txt = None
+        t_img = batch.get("teacher_image")
+        t_txt = None
         teacher = self._teacher()
         if teacher is not None:
-            # Only the embeddings the loss uses are computed.
-            t_img, t_txt = teacher.encode(
-                batch["image"],
+            # Only the embeddings the loss uses are computed (a cached batch brings its own).
+            t_new, t_txt = teacher.encode(
+                batch.get("image"),
                 batch["phrases"],
-                want_image=self.modality in ("both", "image"),
+                want_image=t_img is None and self.modality in ("both", "image"),
                 want_text=self.modality in ("both", "text"),
             )
+            t_img = t_img if t_new is None else t_new
             t_img = t_img.float() if t_img is not None else None
             t_txt = t_txt.float() if t_txt is not None else None
         # Autocast (mixed precision) covers the network; the loss runs in fp32.
-        with torch.autocast(device_type=batch["image"].device.type, enabled=False):
+        with torch.autocast(device_type=batch["input_ids"].device.type, enabled=False):
             return self.student.loss(_float_output(out), batch, t_img, t_txt)
 
 
@@ -411,7 +418,8 @@ class Trainer:
             train=True,
             seed=t.seed,
         )
-        loader = self._seeded_loader(loader)
+        rows = self._cached_rows(loader.dataset, student, teacher)
+        loader = self._seeded_loader(loader, rows)
         self.module, self.optimizer, self.loader = acc.prepare(self.module, optimizer, loader)
 
         per_epoch = math.ceil(len(self.loader) / t.grad_accum)
@@ -451,25 +459,50 @@ class Trainer:
         for i in range(0, len(ordered), chunk):
             teacher.encode(None, ordered[i : i + chunk], want_image=False, want_text=True)
 
-    def _seeded_loader(self, loader: Any) -> Any:
-        """The loader rebuilt over `SeededDataset`, with its own generator.
+    def _cached_rows(self, dataset: Any, student: nn.Module, teacher: Any) -> Any:
+        """The training rows over cached visual tokens, or None to train from pixels."""
+        from vgdistill.engine.visual_cache import build_cached_rows, cache_blocker
+
+        r = self.recipe
+        why_not = cache_blocker(r)
+        if why_not is not None:
+            log.debug("visual tokens not cached: %s", why_not)
+            return None
+        with self.acc.autocast():
+            return build_cached_rows(
+                r,
+                dataset,
+                student.to(self.acc.device),
+                teacher if r.distill.modality in ("both", "image") else None,
+                self.acc.device,
+                show_progress=self.show_progress and self.acc.is_local_main_process,
+            )
+
+    def _seeded_loader(self, loader: Any, cached: Any = None) -> Any:
+        """The loader rebuilt over `SeededDataset` (or over `cached` rows), with its own generator.
 
         Its own generator keeps the iterator's start (which draws a worker base seed) from
         consuming the global RNG; workers are not persistent so each epoch's seed reaches them.
+        Cached rows come whole batches at a time, in the main process.
         """
         from torch.utils.data import DataLoader, RandomSampler
 
-        self.seeded = SeededDataset(loader.dataset, self.recipe.train.seed)
+        from vgdistill.engine.visual_cache import whole_batch
+
+        if cached is None:
+            self.seeded = SeededDataset(loader.dataset, self.recipe.train.seed)
+        else:
+            self.seeded = cached
         kwargs: dict[str, Any] = {
             "batch_size": loader.batch_size,
             "shuffle": isinstance(loader.sampler, RandomSampler),
-            "collate_fn": loader.collate_fn,
-            "num_workers": loader.num_workers,
+            "collate_fn": loader.collate_fn if cached is None else whole_batch,
+            "num_workers": loader.num_workers if cached is None else 0,
             "pin_memory": loader.pin_memory,
             "drop_last": loader.drop_last,
             "generator": torch.Generator().manual_seed(self.recipe.train.seed),
         }
-        if loader.num_workers > 0:
+        if kwargs["num_workers"] > 0:
             kwargs["prefetch_factor"] = loader.prefetch_factor
             kwargs["worker_init_fn"] = loader.worker_init_fn
         return DataLoader(self.seeded, **kwargs)

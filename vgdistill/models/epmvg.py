@@ -109,8 +109,8 @@ class EpmVG(nn.Module):
         self.max_query_len = max_query_len
         self.visual = VisualBranch(backbone, dim, m.enc_layers, m.enc_heads, m.enc_ffn, m.dropout)
         self.text = TextBranch(bert)
-        side = backbone.feature_size(image_size)
-        self.num_visual = side * side
+        self.feature_side = backbone.feature_size(image_size)
+        self.num_visual = self.feature_side**2
         # Names and shapes as in TransVG (reg_token / vl_pos_embed are nn.Embedding there too).
         self.visu_proj = nn.Linear(dim, dim)
         self.text_proj = nn.Linear(self.text.num_channels, dim)
@@ -151,16 +151,39 @@ class EpmVG(nn.Module):
         self.visual.backbone.set_channels_last(fast and self._channels_last)
 
     # ---- forward --------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> EpmVG:
+        """Train mode, except for frozen parts (no trainable parameter), which stay in eval.
+
+        A frozen part is a fixed function: its BatchNorm statistics must not drift and its
+        dropout must not fire, so a frozen visual branch gives the same tokens in training
+        as in evaluation (which is also what lets training cache them).
+        """
+        super().train(mode)
+        if mode:
+            for part in (self.visual.backbone, self.visual.encoder, self.text):
+                if not any(p.requires_grad for p in part.parameters()):
+                    part.eval()
+        return self
+
     def forward(
         self,
-        image: Tensor,
-        image_mask: Tensor,
+        image: Tensor | None,
+        image_mask: Tensor | None,
         input_ids: Tensor,
         attention_mask: Tensor,
         return_attention: bool = False,
+        visual: tuple[Tensor, Tensor] | None = None,
     ) -> GroundingOutput:
-        """Predict one box per (image, phrase) pair; see GroundingOutput."""
-        vis, vis_pad, hw = self.visual(image, image_mask.bool())
+        """Predict one box per (image, phrase) pair; see GroundingOutput.
+
+        `visual` (tokens [B,N,D], padding mask [B,N]) replaces the visual branch's output when
+        it was computed ahead (a frozen branch's cached tokens); image and mask are then unused.
+        """
+        if visual is None:
+            vis, vis_pad, hw = self.visual(image, image_mask.bool())
+        else:
+            vis, vis_pad = visual
+            hw = (self.feature_side, self.feature_side)
         txt = self.text(input_ids, attention_mask)
         txt_pad = attention_mask == 0
         b, n_txt = input_ids.shape

@@ -1,0 +1,259 @@
+"""The frozen visual branch's tokens, computed once per training image instead of every step.
+
+With lr_backbone = lr_encoder = 0 the backbone and DETR encoder are a fixed function (the
+student keeps them in eval mode), and when augmentation is off or only flips, an image enters
+training in one of two fixed forms (`GroundingTransform.fixed`). Their tokens, and the frozen
+teacher's image embeddings, are then the same at every visit: training computes them for every
+(image, flip) up front and each step runs only BERT, the fusion and the head on cached tokens.
+On the demo's two CPU cores this trains 2.5 times the images per second (no image decoding,
+no CNN, no teacher image tower in the step).
+
+Each process of a multi-process run builds the whole cache for itself; `train.visual_cache_gb`
+bounds its size, and a run whose cache would not fit trains from pixels as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vgdistill.data.images import load_image
+from vgdistill.data.loader import encode_phrase
+from vgdistill.data.transforms import FLIP_PROB, GroundingTransform, swap_left_right
+from vgdistill.engine.train import sample_seed
+
+if TYPE_CHECKING:
+    from vgdistill.data.loader import GroundingDataset
+    from vgdistill.recipe import Recipe
+
+log = logging.getLogger("vgdistill")
+
+GB = 1024**3
+
+
+def cache_blocker(recipe: Recipe) -> str | None:
+    """Why this recipe's training cannot use cached visual tokens; None when it can."""
+    t, d = recipe.train, recipe.data
+    if t.visual_cache_gb <= 0:
+        return "train.visual_cache_gb is 0"
+    if t.lr_backbone > 0 or t.lr_encoder > 0:
+        return "the visual branch is trained (train.lr_backbone or train.lr_encoder > 0)"
+    random_ops = sorted(set(d.augment_ops) - {"flip"}) if d.augment else []
+    if random_ops:
+        return f"data.augment_ops {random_ops} change the pixels at random"
+    if recipe.distill.teacher_trainable and recipe.distill.modality in ("both", "image"):
+        return "the teacher is trained (distill.teacher_trainable)"
+    return None
+
+
+def _flips(recipe: Recipe) -> tuple[bool, ...]:
+    return (False, True) if recipe.data.augment and "flip" in recipe.data.augment_ops else (False,)
+
+
+@dataclass
+class VisualCache:
+    """Per (image, flip): visual tokens, their padding mask and the teacher's image embedding."""
+
+    tokens: Tensor  # [images, flips, N, D] float32
+    pad: Tensor  # [images, flips, N] bool
+    teacher: Tensor | None  # [images, flips, E] float32; None without image distillation
+
+
+class CachedRows(torch.utils.data.Dataset):
+    """Training rows served from a VisualCache: whole batches, no pixels, no global RNG.
+
+    Each sample's flip is drawn from its own (seed, epoch, row) seed, like the pixel path's
+    `SeededDataset`, so batches do not depend on worker count or resume point.
+    """
+
+    def __init__(
+        self,
+        cache: VisualCache,
+        image_of_row: Tensor,
+        boxes: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        phrases: list[tuple[str, ...]],
+        seed: int,
+    ) -> None:
+        self.cache = cache
+        self.image_of_row = image_of_row
+        self.boxes, self.input_ids, self.attention_mask = boxes, input_ids, attention_mask
+        self.phrases = phrases
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose per-sample seeds draw the flips."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.image_of_row)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])
+
+    def flipped(self, index: int) -> bool:
+        """Whether row `index` is served mirrored in the current epoch."""
+        if self.cache.tokens.shape[1] == 1:
+            return False
+        return random.Random(sample_seed(self.seed, self.epoch, index)).random() < FLIP_PROB
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        """The batch of these rows (DataLoader calls this with a batch's indices)."""
+        rows = torch.as_tensor(indices, dtype=torch.int64)
+        flips = torch.tensor([self.flipped(int(i)) for i in indices], dtype=torch.int64)
+        images = self.image_of_row[rows]
+        batch = {
+            "visual_tokens": self.cache.tokens[images, flips],
+            "visual_pad": self.cache.pad[images, flips],
+            "input_ids": self.input_ids[rows, flips],
+            "attention_mask": self.attention_mask[rows, flips],
+            "boxes": self.boxes[rows, flips],
+            "phrases": [self.phrases[int(r)][int(f)] for r, f in zip(rows, flips, strict=True)],
+            "index": rows,
+        }
+        if self.cache.teacher is not None:
+            batch["teacher_image"] = self.cache.teacher[images, flips]
+        return batch
+
+
+def whole_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader collate_fn for CachedRows, whose __getitems__ already returns a batch."""
+    return batch
+
+
+def estimate_bytes(n_images: int, n_flips: int, n_tokens: int, dim: int, embed: int) -> int:
+    """Memory of a VisualCache: float32 tokens and teacher embeddings, bool padding."""
+    return n_images * n_flips * (n_tokens * (dim * 4 + 1) + embed * 4)
+
+
+@torch.inference_mode()
+def _encode(
+    student: Any, teacher: Any, images: list[Tensor], masks: list[Tensor], device: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    image, mask = torch.stack(images).to(device), torch.stack(masks).to(device)
+    tokens, pad, _ = student.visual(image, mask)
+    emb = None
+    if teacher is not None:
+        emb, _ = teacher.encode(image, None, want_image=True, want_text=False)
+    return tokens.float().cpu(), pad.cpu(), None if emb is None else emb.float().cpu()
+
+
+def build_cached_rows(
+    recipe: Recipe,
+    dataset: GroundingDataset,
+    student: Any,
+    teacher: Any | None,
+    device: torch.device,
+    *,
+    show_progress: bool,
+) -> CachedRows | None:
+    """Encode every (image, flip) of `dataset` once; None (logged) when the cache would not fit.
+
+    `teacher` is the frozen teacher whose image embeddings the loss uses (None without image
+    distillation). The student's visual branch runs in eval mode, as it does when frozen.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    started = time.perf_counter()
+    flips = _flips(recipe)
+    data = dataset.data
+    image_ids = data["image_id"]
+    first_row: dict[str, int] = {}
+    rows_of: dict[str, list[int]] = defaultdict(list)
+    for row, image_id in enumerate(image_ids):
+        first_row.setdefault(image_id, row)
+        rows_of[image_id].append(row)
+    order = list(first_row)
+    side = student.feature_side
+    embed = teacher.embed_dim if teacher is not None else 0
+    need = estimate_bytes(len(order), len(flips), side * side, student.visual.dim, embed)
+    if need > recipe.train.visual_cache_gb * GB:
+        log.info(
+            "visual tokens not cached: %d images would take %.1f GB > train.visual_cache_gb = %g",
+            len(order),
+            need / GB,
+            recipe.train.visual_cache_gb,
+        )
+        return None
+
+    transform = GroundingTransform(recipe.data.image_size, augment=False)
+    image_of_row = torch.empty(len(image_ids), dtype=torch.int64)
+    sizes = np.empty((len(image_ids), 2), dtype=np.float64)
+    parts: dict[str, list[Tensor]] = {"tokens": [], "pad": [], "teacher": []}
+    pending: tuple[list[Tensor], list[Tensor]] = ([], [])
+    chunk = recipe.eval.batch_size
+
+    def flush() -> None:
+        if pending[0]:
+            tokens, pad, emb = _encode(student, teacher, *pending, device)
+            parts["tokens"].append(tokens.view(-1, len(flips), *tokens.shape[1:]))
+            parts["pad"].append(pad.view(-1, len(flips), pad.shape[1]))
+            if emb is not None:
+                parts["teacher"].append(emb.view(-1, len(flips), emb.shape[1]))
+            pending[0].clear()
+            pending[1].clear()
+
+    was_training = student.training
+    student.eval()
+    with Progress(
+        TextColumn("caching the frozen visual branch"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not show_progress,
+    ) as progress:
+        task = progress.add_task("cache", total=len(order))
+        for n, image_id in enumerate(order):
+            row = data[first_row[image_id]]
+            field = row["image"]
+            src = field["bytes"] if field.get("bytes") else field["path"]
+            img = load_image(src, name=f"{row.get('source', 'dataset')} image {image_id}")
+            for r in rows_of[image_id]:
+                image_of_row[r] = n
+                sizes[r] = (img.width, img.height)
+            for flipped in flips:
+                out = transform.fixed(img, [0.0, 0.0, img.width, img.height], "", flipped)
+                pending[0].append(out.image)
+                pending[1].append(out.mask)
+            if len(pending[0]) >= chunk:
+                flush()
+            progress.advance(task)
+        flush()
+    student.train(was_training)
+    cache = VisualCache(
+        tokens=torch.cat(parts["tokens"]),
+        pad=torch.cat(parts["pad"]),
+        teacher=torch.cat(parts["teacher"]) if parts["teacher"] else None,
+    )
+
+    bboxes = np.asarray(data["bbox"], dtype=np.float64)
+    boxes = torch.stack(
+        [torch.from_numpy(transform.fixed_boxes(sizes, bboxes, f)) for f in flips], dim=1
+    )
+    phrases = [tuple(swap_left_right(p) if f else p for f in flips) for p in data["expression"]]
+    # Tokenized once per distinct phrase: rows repeat phrases, and flips often leave them as is.
+    encoded = {
+        p: encode_phrase(dataset.tokenizer, p, dataset.max_query_len) for ps in phrases for p in ps
+    }
+    input_ids = torch.tensor([[encoded[p][0] for p in ps] for ps in phrases], dtype=torch.int64)
+    masks = torch.tensor([[encoded[p][1] for p in ps] for ps in phrases], dtype=torch.int64)
+    log.info(
+        "cached the frozen visual branch for %d images x %d flips (%.0f MB) in %.0f s",
+        len(order),
+        len(flips),
+        need / 1024**2,
+        time.perf_counter() - started,
+    )
+    return CachedRows(cache, image_of_row, boxes, input_ids, masks, phrases, recipe.train.seed)
