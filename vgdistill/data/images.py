@@ -159,6 +159,12 @@ def load_image(
     return rgb
 
 
+def load_row_image(row: dict, name: str) -> Image.Image:
+    """Decode the image of a prepared row read without decoding ({"bytes", "path"} field)."""
+    field = row["image"]
+    return load_image(field["bytes"] if field.get("bytes") else field["path"], name=name)
+
+
 @dataclass(frozen=True)
 class StoredImage:
     """Encoded bytes to embed in a prepared dataset, and the upright size they decode to."""

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vgdistill.data.images import load_image
+from vgdistill.data.images import load_row_image
 from vgdistill.data.prepare import load_prepared
 from vgdistill.data.transforms import GroundingTransform
 from vgdistill.recipe import AUGMENTATIONS
@@ -96,10 +96,8 @@ class GroundingDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.data[int(index)]
-        img_field = row["image"]
         name = f"{row.get('source', 'dataset')} row {index} (image {row.get('image_id')})"
-        src = img_field["bytes"] if img_field.get("bytes") else img_field["path"]
-        img = load_image(src, name=name)
+        img = load_row_image(row, name)
         orig = np.asarray(row["bbox"], dtype=np.float64)
         rng = self._rng() if self.transform.augment else None
         out = self.transform(img, orig, row["expression"], rng)

@@ -124,12 +124,10 @@ class DetectionImages:
     def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
         import torch
 
-        from vgdistill.data.images import load_image
+        from vgdistill.data.images import load_row_image
 
         row = self.split[self.rows[k]]
-        field = row["image"]
-        src = field["bytes"] if field.get("bytes") else field["path"]
-        out = self.transform(load_image(src, name=f"image {row['image_id']}"), None, "")
+        out = self.transform(load_row_image(row, f"image {row['image_id']}"), None, "")
         g = self.grid
         obj = torch.zeros(g * g)
         cat = torch.full((g * g,), -100, dtype=torch.int64)

@@ -350,14 +350,12 @@ class Frames:
         return len(self.table.phrases)
 
     def _frame(self, row: int, phrase: str) -> tuple[torch.Tensor, str]:
-        from vgdistill.data.images import load_image
+        from vgdistill.data.images import load_row_image
 
         rec = self.ds[int(row)]
-        field = rec["image"]
-        src = field["bytes"] if field.get("bytes") else field["path"]
         name = f"{rec.get('source', 'dataset')} row {row} (image {rec.get('image_id')})"
         seed = int(_torch_seed()) if self.transform.augment else 0
-        out = self.transform(load_image(src, name=name), None, phrase, random.Random(seed))
+        out = self.transform(load_row_image(rec, name), None, phrase, random.Random(seed))
         return out.image, out.phrase
 
     def __getitem__(self, row: int) -> tuple[torch.Tensor, str]:

@@ -182,15 +182,14 @@ class StudentWithTeacher(nn.Module):
         teacher = self._teacher()
         if teacher is not None:
             # Only the embeddings the loss uses are computed (a cached batch brings its own).
-            t_new, t_txt = teacher.encode(
+            new_img, t_txt = teacher.encode(
                 batch.get("image"),
                 batch["phrases"],
                 want_image=t_img is None and self.modality in ("both", "image"),
                 want_text=self.modality in ("both", "text"),
             )
-            t_img = t_img if t_new is None else t_new
-            t_img = t_img.float() if t_img is not None else None
-            t_txt = t_txt.float() if t_txt is not None else None
+            if new_img is not None:
+                t_img = new_img
         # Autocast (mixed precision) covers the network; the loss runs in fp32.
         with torch.autocast(device_type=batch["input_ids"].device.type, enabled=False):
             return self.student.loss(_float_output(out), batch, t_img, t_txt)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vgdistill.data.images import load_image
+from vgdistill.data.images import load_row_image
 from vgdistill.data.loader import encode_phrase
 from vgdistill.data.transforms import FLIP_PROB, GroundingTransform, swap_left_right
 from vgdistill.engine.train import sample_seed
@@ -217,9 +217,7 @@ def build_cached_rows(
         task = progress.add_task("cache", total=len(order))
         for n, image_id in enumerate(order):
             row = data[first_row[image_id]]
-            field = row["image"]
-            src = field["bytes"] if field.get("bytes") else field["path"]
-            img = load_image(src, name=f"{row.get('source', 'dataset')} image {image_id}")
+            img = load_row_image(row, f"{row.get('source', 'dataset')} image {image_id}")
             for r in rows_of[image_id]:
                 image_of_row[r] = n
                 sizes[r] = (img.width, img.height)
