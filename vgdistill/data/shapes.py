@@ -29,6 +29,11 @@ construction with pixel margins so the geometry is unambiguous:
 Sizes are absolute classes (every dataset holds both), "left"/"right" only appear as whole words
 so the horizontal-flip word swap stays correct, and phrases stay within 10 words (the tiny
 recipe's max_query_len of 12 with [CLS]/[SEP]).
+Known shortcuts (they need the phrase, but not the reference): a direction phrase's target is
+the extreme match on the named side, since every other match lies level with the reference or
+beyond it; and the margins that make a nearest phrase clear push the other matches away from
+the reference, often towards the border, so the target is the match nearest the image centre
+about 70% of the time (val + testB, seed 13).
 
 Splits. testA holds attribute / absolute-position phrases (attr, absolute), testB relational
 phrases (direction, nearest), train and val mix both families half and half.
