@@ -91,6 +91,30 @@ def test_bench_json_on_tiny_preset(tmp_path):
     assert not negative
 
 
+def test_bench_times_the_cached_step_of_a_frozen_visual_branch(tmp_path):
+    """A recipe that trains on cached visual tokens (the demo's) gets that step timed too."""
+    out = tmp_path / "bench.json"
+    frozen = [
+        "train.lr_backbone=0.0",
+        "train.lr_encoder=0.0",
+        "data.augment=true",
+        'data.augment_ops=["flip"]',
+        "distill.teacher_arch=vgd-tiny-clip",
+    ]
+    args = ["bench", TINY, *sum((["--set", f] for f in frozen), []), "--no-data",
+            "--device", "cpu", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+            "--repeats", "2", "--threads", "1", "--json", str(out)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "cached" in result.output
+    r = json.loads(out.read_text())
+    for path in ("fast", "plain"):
+        d = r["train"][path]
+        assert d["images_per_s_cached"] > 0 and len(d["repeats_cached"]) == 2
+        assert d["cached_speedup"] > 0
+    assert set(r["speedup"]) == {"train", "train+teacher", "train cached", "eval"}
+
+
 def test_paired_ratio_cancels_load_shared_by_a_window():
     # The machine slowed down 2x in the second repeat: both configurations felt it.
     fast = Config("a", FastPath(), "train", rates=[10.0, 5.0, 10.0])

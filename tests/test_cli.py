@@ -40,3 +40,31 @@ def test_help_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def _commands():
+    """(argv prefix, callback) of every command, sub-apps included."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            yield from (([name, sub], c.callback) for sub, c in subs.items())
+        else:
+            yield [name], cmd.callback
+
+
+def test_help_reflows_each_docstring_paragraph_to_the_terminal():
+    """A docstring's hard line breaks are not kept: a paragraph runs on to the width."""
+    checked = 0
+    for argv, callback in _commands():
+        out = runner.invoke(app, [*argv, "--help"], env={"COLUMNS": "250"}).output
+        lines = [" ".join(line.split()) for line in out.splitlines()]
+        for para in (callback.__doc__ or "").split("\n\n"):
+            words = para.replace("`", "").split()
+            if len(para.strip().splitlines()) < 2 or len(" ".join(words)) > 200:
+                continue  # one-line paragraphs prove nothing; long ones wrap anyway
+            assert any(" ".join(words) in line for line in lines), (argv, para)
+            checked += 1
+    assert checked >= 5

@@ -74,6 +74,19 @@ def test_targets_mark_every_cell_of_each_object(data_dir):
     assert (cat[obj == 0] == -100).all() and obj.sum() >= centre.sum()
 
 
+def test_cached_images_give_the_same_targets(data_dir):
+    split = load_prepared(data_dir)["val"]
+    categories = sorted({c for o in split["objects"] for c in o["category"]})
+    decoded = DetectionImages(split, categories, image_size=64, grid=8, stride=8)
+    cached = DetectionImages(split, categories, image_size=64, grid=8, stride=8)
+    cached.load_cache(num_workers=0)
+    assert cached.cache is not None and len(cached.cache[0]) == len(decoded)
+    for k in (0, len(decoded) - 1):
+        want, got = decoded[k], cached[k]
+        assert torch.allclose(got[0], want[0], atol=1e-2)  # the image is kept as float16
+        assert all(torch.equal(a, b) for a, b in zip(got[1:], want[1:], strict=True))
+
+
 def test_detector_learns_to_find_objects(fitted):
     out, report = fitted
     first, last = report["history"][0], report["history"][-1]

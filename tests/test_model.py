@@ -393,6 +393,24 @@ def test_embed_init_std_sets_the_reg_token_and_position_scale():
         assert 0.015 < table.std().item() < 0.025
 
 
+def test_sine_fusion_positions_start_from_detr_sine_embedding_of_the_grid():
+    from vgdistill.models.layers import sine_position_embedding
+
+    r = tiny_recipe(model={"embed_init_std": 0.02, "fusion_pos_init": "sine"})
+    m = build_model(r, load_weights=False)
+    side, table = m.feature_side, m.vl_pos_embed.weight
+    grid = sine_position_embedding(torch.zeros(1, side, side, dtype=torch.bool), table.shape[1])
+    assert torch.equal(table[-side * side :], grid[0])
+    # Neighbouring cells start closer than distant ones; [REG] and text slots stay small.
+    assert (table[-side * side] - table[-side * side + 1]).norm() < (
+        table[-side * side] - table[-1]
+    ).norm()
+    assert table[: 1 + r.data.max_query_len].std() < 0.05
+    assert table.requires_grad  # a starting point, still learned
+    with pytest.raises(VGError, match="fusion_pos_init"):
+        tiny_recipe(model={"fusion_pos_init": "cosine"})
+
+
 def test_frozen_parts_stay_in_eval_mode_while_training():
     r = tiny_recipe(train={"lr_backbone": 0.0, "lr_encoder": 0.0, "lr_text": 1e-4})
     m = build_model(r, load_weights=False)

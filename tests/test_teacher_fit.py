@@ -420,3 +420,34 @@ def test_architecture_and_output_folder_come_from_the_recipe(tmp_path):
     )
     with pytest.raises(VGError, match="no open_clip weights"):
         resolve_source(arch, init=str(tmp_path / "empty"))
+
+
+def test_flip_only_augmentation_decodes_each_image_once_with_both_flips(data_dir, tmp_path):
+    import torch
+
+    from vgdistill.data.images import load_row_image
+    from vgdistill.data.transforms import GroundingTransform
+    from vgdistill.engine import teacher_fit as tf
+    from vgdistill.recipe import load_recipe
+
+    path = write_recipe(tmp_path, data_dir, str(tmp_path / "t"))
+    recipe = load_recipe(path, ["data.augment=true", 'data.augment_ops=["flip"]'])
+    frames = tf.load_split_pairs(recipe, "val", augment=True).frames
+    assert frames.cache is not None and frames.cache.shape == (40, 2, 3, 32, 32)
+    row = frames.ds[0]
+    img = load_row_image(row, "val row 0")
+    transform = GroundingTransform(32, augment=False)
+    forms = [transform.fixed(img, [0, 0, 32, 32], "", f).image for f in (False, True)]
+    frames.table.phrases[0] = "the left square"
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(30):
+        image, phrase = frames[0]
+        flipped = phrase == "the right square"
+        assert phrase in ("the left square", "the right square")
+        assert torch.allclose(image, forms[flipped], atol=1e-2)  # float16 in memory
+        seen.add(flipped)
+    assert seen == {False, True}
+    # Random ops other than flips change the pixels at every visit: nothing is kept.
+    resized = load_recipe(path, ["data.augment=true", 'data.augment_ops=["flip", "resize"]'])
+    assert tf.load_split_pairs(resized, "val", augment=True).frames.cache is None

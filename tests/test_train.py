@@ -239,9 +239,9 @@ for argv in json.loads(sys.argv[1]):
 """
 
 
-def _launch(n: int, commands: list[list[str]]) -> subprocess.CompletedProcess:
-    """The CLI commands under `torchrun --nproc_per_node n` on the CPU (what
-    `accelerate launch --multi_gpu` runs); Accelerate joins the processes over gloo."""
+def _launch(n: int, commands: list, driver: str = DRIVER) -> subprocess.CompletedProcess:
+    """`driver` (default: the CLI commands) under `torchrun --nproc_per_node n` on the CPU
+    (what `accelerate launch --multi_gpu` runs); Accelerate joins the processes over gloo."""
     launcher = [
         sys.executable,
         "-m",
@@ -253,7 +253,7 @@ def _launch(n: int, commands: list[list[str]]) -> subprocess.CompletedProcess:
         "--no-python",
         sys.executable,
         "-c",
-        DRIVER,
+        driver,
         json.dumps(commands),
     ]
     return subprocess.run(
@@ -423,3 +423,38 @@ def test_a_cache_too_large_for_its_budget_trains_from_pixels(assets, tmp_path, c
         trainer = _built(recipe(assets, *FROZEN_FLIP, "train.visual_cache_gb=1e-9"), tmp_path)
     assert isinstance(trainer.seeded, SeededDataset)
     assert "train.visual_cache_gb" in caplog.text
+
+
+# Builds a Trainer (which caches the frozen visual branch) in each launched process and saves
+# what that process ended up holding.
+CACHE_DRIVER = """
+import json, sys, torch
+from vgdistill.cli.common import setup_logging
+from vgdistill.engine.train import Trainer
+from vgdistill.recipe import load_recipe
+setup_logging(verbose=False)
+recipe, out, sets = json.loads(sys.argv[1])
+trainer = Trainer(load_recipe(recipe, sets), out, show_progress=False)
+trainer.acc = trainer._make_accelerator()
+trainer._build()
+rows = trainer.seeded
+held = {"tokens": rows.cache.tokens, "pad": rows.cache.pad, "teacher": rows.cache.teacher}
+torch.save({**held, "boxes": rows.boxes}, f"{out}-{trainer.acc.process_index}.pt")
+"""
+
+
+def test_two_processes_each_encode_half_and_all_hold_the_whole_cache(assets, tmp_path):
+    sets = overrides(assets, *FROZEN_FLIP)
+    done = _launch(2, [str(RECIPE), str(tmp_path / "two"), sets], driver=CACHE_DRIVER)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # 24 rows = 12 images: 6 encoded by each process
+    for rank in (0, 1):
+        assert f"6 of the images encoded by process {rank}" in done.stderr, done.stderr[-3000:]
+    one = _built(recipe(assets, *FROZEN_FLIP), tmp_path / "one").seeded
+    expected = {"tokens": one.cache.tokens, "pad": one.cache.pad, "teacher": one.cache.teacher}
+    expected["boxes"] = one.boxes
+    for rank in (0, 1):
+        held = torch.load(tmp_path / f"two-{rank}.pt")
+        for name, want in expected.items():
+            assert held[name].shape == want.shape, name
+            assert torch.allclose(held[name].float(), want.float(), atol=1e-5), (rank, name)

@@ -81,6 +81,12 @@ class ModelConfig:
     embed_init_std: float = _f(
         1.0, "Initial std of the [REG] token and fusion position embedding (TransVG: 1.0)."
     )
+    fusion_pos_init: str = _f(
+        "random",
+        "How the fusion position embedding's visual slots start: 'random' (TransVG, "
+        "embed_init_std) or 'sine' (DETR's 2-D sine embedding of the feature grid).",
+        ("random", "sine"),
+    )
     text_model: str = _f(
         "bert-base-uncased", "BERT name or local folder; 'minilm' = the offline all-MiniLM-L6-v2."
     )

@@ -46,7 +46,11 @@ def command(
     ] = 1,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Ablation folder. Default: runs/ablate-<recipe name>."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Ablation folder. Default: runs/ablate-NAME, NAME being the recipe file name.",
+        ),
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the variants and their run folders; run none.")

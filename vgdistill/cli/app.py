@@ -28,7 +28,7 @@ from vgdistill.cli.common import setup_logging
 app = typer.Typer(
     name="vgdistill",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
     help=(
         "Visual grounding with cross-modal distillation: a TransVG student trained with a "
         "frozen CLIP teacher (EpmVG).\n\n"

@@ -41,7 +41,7 @@ def command(
             "--out",
             "-o",
             help="Output folder (default: the folder of model.detr_checkpoint when it names "
-            "detr.safetensors, else runs/detector-<recipe name>).",
+            "detr.safetensors, else runs/detector-NAME, NAME being the recipe file name).",
         ),
     ] = None,
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = _DEFAULT.steps,

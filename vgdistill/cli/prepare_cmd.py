@@ -96,7 +96,7 @@ def command(
         typer.Option(
             "--format",
             help="refcoco family input: auto (detect), refer "
-            "(instances.json + refs(*.p)) or transvg (<ds>_<split>.pth files).",
+            "(instances.json + refs(*.p)) or transvg (DATASET_SPLIT.pth files).",
         ),
     ] = "auto",
     splits: Annotated[

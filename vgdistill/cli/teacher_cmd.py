@@ -50,7 +50,7 @@ def command(
             "--out",
             "-o",
             help="Output folder (default: distill.teacher when it names a folder, "
-            "else runs/teacher-<recipe name>).",
+            "else runs/teacher-NAME, NAME being the recipe file name).",
         ),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = _DEFAULT.epochs,

@@ -17,7 +17,9 @@ def command(
     overrides: SetOption = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Run folder. Default: runs/<recipe file name>."),
+        typer.Option(
+            "--out", "-o", help="Run folder. Default: runs/NAME, NAME being the recipe file name."
+        ),
     ] = None,
     resume: Annotated[
         bool,

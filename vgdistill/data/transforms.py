@@ -264,6 +264,15 @@ class GroundingTransform:
         whenever augment_ops holds nothing but "flip" (no resize, crop, jitter or translate)."""
         return self._eval(img, np.asarray(box_xyxy, dtype=np.float64).copy(), phrase, flipped)
 
+    def fixed_flips(self) -> tuple[bool, ...] | None:
+        """The flips under which `fixed` gives every form this transform can output: (False,)
+        or (False, True); None when an op other than "flip" changes the pixels at random."""
+        if not self.augment:
+            return (False,)
+        if self.ops - {"flip"}:
+            return None
+        return (False, True) if "flip" in self.ops else (False,)
+
     def fixed_boxes(self, sizes: np.ndarray, boxes: np.ndarray, flipped: bool) -> np.ndarray:
         """`fixed`'s target boxes without touching pixels: sizes [N,2] (width, height) and
         pixel xyxy boxes [N,4] -> normalised cxcywh [N,4] in the padded frame (float32)."""

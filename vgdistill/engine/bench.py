@@ -5,7 +5,10 @@ on the weights. Step timings use synthetic batches of the recipe's shapes (image
 max_query_len) run through the same module, loss, teacher and optimiser as training
 (`StudentWithTeacher`, `build_optimizer`); the data figure runs the training loader itself
 (decode + augment + tokenize + collate, with the recipe's workers) over a small prepared
-dataset of JPEG images generated in a temporary folder.
+dataset of JPEG images generated in a temporary folder. When the recipe trains on cached visual
+tokens (a frozen visual branch, `vgdistill.engine.visual_cache`), the step training actually
+runs is timed too: BERT, the fusion and the head on tokens and teacher image embeddings
+computed once from the synthetic batches.
 
 Method: warm-up steps first, device synchronisation around every timed window, and the
 median of `repeats` windows. The fast path (the defaults) and the plain path (every speed
@@ -486,6 +489,7 @@ class Rig:
         self.batches = synthetic_batches(recipe, self.tokenizer, batch, n, seed, pin)
         self.eval_batches = synthetic_batches(recipe, self.tokenizer, eval_batch, n, seed + 1, pin)
         self.phrases = sorted({p for b in self.batches for p in b["phrases"]})
+        self.cached_batches: list[dict[str, Any]] | None = None
         self.batch, self.eval_batch = batch, eval_batch
         self._i = 0
         groups = self.student.param_groups(recipe.train)
@@ -511,6 +515,26 @@ class Rig:
         self.fp: FastPath | None = None
         self.optimizer = self.opt_fast
         self.scaler: Any = None
+        from vgdistill.engine.visual_cache import cache_blocker
+
+        if cache_blocker(recipe) is None:
+            self.cached_batches = [self._cached(b, pin) for b in self.batches]
+
+    @torch.no_grad()
+    def _cached(self, batch: dict[str, Any], pin: bool) -> dict[str, Any]:
+        """`batch` as a cached training batch: the frozen visual branch's tokens and the
+        teacher's image embeddings in place of the pixels (what CachedRows serves)."""
+        on = to_device(batch, self.device)
+        self.student.eval()
+        tokens, pad, _ = self.student.visual(on["image"], on["image_mask"])
+        out = {k: v for k, v in batch.items() if k not in ("image", "image_mask")}
+        out.update(visual_tokens=tokens.float().cpu(), visual_pad=pad.cpu())
+        if self.teacher is not None and self.recipe.distill.modality in ("both", "image"):
+            emb, _ = self.teacher.encode(on["image"], None, want_image=True, want_text=False)
+            out["teacher_image"] = emb.float().cpu()
+        if pin:
+            out = {k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in out.items()}
+        return out
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -586,12 +610,17 @@ class Rig:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def train_step(self, teacher: bool) -> None:
-        """One optimiser step on the next synthetic batch (what the training loop does)."""
+    def train_step(self, teacher: bool, cached: bool = False) -> None:
+        """One optimiser step on the next synthetic batch (what the training loop does);
+        `cached`: on the next cached batch, with the teacher where it has a part to play."""
         assert self.fp is not None
         module = self.with_teacher if teacher else self.student_only
         assert module is not None
-        batch = self._next(self.batches)
+        if cached:
+            assert self.cached_batches is not None
+            batch = self._next(self.cached_batches)
+        else:
+            batch = self._next(self.batches)
         self.student.train()
         with self._autocast(self.fp):
             loss, _ = module(batch)
@@ -714,7 +743,7 @@ class Config:
 
     name: str
     fp: FastPath
-    kind: str  # "train", "train+teacher" or "eval"
+    kind: str  # "train", "train+teacher", "train cached" or "eval"
     rates: list[float] = dataclasses.field(default_factory=list)
     peak_mb: float = 0.0
 
@@ -746,6 +775,9 @@ def _measure(
             rig.apply(c.fp)
             if c.kind == "eval":
                 step, images = rig.eval_step, rig.eval_batch
+            elif c.kind == "train cached":
+                teacher = rig.with_teacher is not None
+                step, images = (lambda t=teacher: rig.train_step(t, cached=True)), rig.batch
             else:
                 teacher = c.kind == "train+teacher"
                 step, images = (lambda t=teacher: rig.train_step(t)), rig.batch
@@ -828,6 +860,11 @@ def run_bench(
     if opts.plain:
         configs += [Config("plain " + k, PLAIN, k) for k in kinds]
     full = kinds[-1]
+    if rig.cached_batches is not None:
+        kinds.append("train cached")
+        configs.append(Config("fast train cached", fast, "train cached"))
+        if opts.plain:
+            configs.append(Config("plain train cached", PLAIN, "train cached"))
     features = [n for n, on in fast.switches().items() if on] if opts.each else []
     configs += [Config(f"fast - {n}", fast.without(n), full) for n in features]
     configs.append(Config("fast eval", fast, "eval"))
@@ -840,7 +877,7 @@ def run_bench(
     result["memory_kind"] = memory.kind
     result["train"] = {}
     for path in ("fast", "plain") if opts.plain else ("fast",):
-        result["train"][path] = _train_figures(by_name, path, flops)
+        result["train"][path] = _train_figures(by_name, path, flops, full)
     result["eval"] = {
         path: {
             "images_per_s": by_name[f"{path} eval"].images_per_s,
@@ -891,7 +928,9 @@ def _load_average() -> float | None:
         return None
 
 
-def _train_figures(by_name: dict[str, Config], path: str, flops: dict[str, float]) -> dict:
+def _train_figures(
+    by_name: dict[str, Config], path: str, flops: dict[str, float], full: str
+) -> dict:
     alone = by_name[f"{path} train"]
     out: dict[str, Any] = {
         "images_per_s": alone.images_per_s,
@@ -910,6 +949,17 @@ def _train_figures(by_name: dict[str, Config], path: str, flops: dict[str, float
                 # Extra time per step that the teacher costs, in % of the student-only step.
                 "teacher_overhead_pct": 100.0 * (paired_ratio(alone, both) - 1.0),
                 "tflops_with_teacher": both.images_per_s * per_image / 1e12,
+            }
+        )
+    cached = by_name.get(f"{path} train cached")
+    if cached is not None:
+        out.update(
+            {
+                "images_per_s_cached": cached.images_per_s,
+                "repeats_cached": cached.rates,
+                "peak_memory_mb_cached": cached.peak_mb,
+                # The cached step against the full step it replaces, window by window.
+                "cached_speedup": paired_ratio(cached, by_name[f"{path} {full}"]),
             }
         )
     return out
@@ -989,6 +1039,13 @@ def bench_tables(result: dict[str, Any]) -> list[Any]:
             speedup.get("train+teacher"),
         )
         add("teacher overhead % of the step", lambda p: train[p]["teacher_overhead_pct"])
+    if "images_per_s_cached" in train["fast"]:
+        add(
+            "train step img/s (cached visual tokens)",
+            lambda p: train[p]["images_per_s_cached"],
+            speedup.get("train cached"),
+        )
+        add("cached step / full step", lambda p: train[p]["cached_speedup"], digits=2)
     add("eval img/s", lambda p: ev[p]["images_per_s"], speedup.get("eval"))
     key = "peak_memory_mb_with_teacher" if teacher else "peak_memory_mb"
     add(f"peak memory train MiB ({result['memory_kind']})", lambda p: train[p][key], digits=0)

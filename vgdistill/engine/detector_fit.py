@@ -118,13 +118,33 @@ class DetectionImages:
         self.grid, self.stride, self.size = grid, stride, image_size
         self.transform = GroundingTransform(image_size, augment=False)
 
+        self.cache: list[torch.Tensor] | None = None  # every item's tensors, image as float16
+
     def __len__(self) -> int:
         return len(self.rows)
+
+    def load_cache(self, num_workers: int) -> None:
+        """Decode every image once (in worker processes) and keep its targets in memory, when
+        the images fit in CACHE_LIMIT_BYTES: the fit revisits each image a few times."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        from vgdistill.engine.teacher_fit import CACHE_LIMIT_BYTES
+
+        if len(self) * 3 * self.size * self.size * 2 > CACHE_LIMIT_BYTES:
+            return
+        batches = list(DataLoader(self, batch_size=256, num_workers=num_workers))
+        self.cache = [torch.cat(parts) for parts in zip(*batches, strict=True)]
+        self.cache[0] = self.cache[0].half()
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
         import torch
 
         from vgdistill.data.images import load_row_image
+
+        if self.cache is not None:
+            image, *rest = (t[k] for t in self.cache)
+            return (image.float(), *rest)
 
         row = self.split[self.rows[k]]
         out = self.transform(load_row_image(row, f"image {row['image_id']}"), None, "")
@@ -328,6 +348,8 @@ def fit_detector(
             name: DetectionImages(ds, categories, recipe.data.image_size, grid, stride)
             for name, ds in (("train", train_ds), ("val", val_ds))
         }
+        for images in data.values():
+            images.load_cache(recipe.data.num_workers)
         with build_dir(out) as tmp:
             report = _train(
                 visual, head, data, grid, device, settings, recipe, tmp, console, progress
@@ -373,7 +395,8 @@ def _train(
     from vgdistill.engine.optim import warmup_cosine
 
     generator = torch.Generator().manual_seed(settings.seed)
-    workers = recipe.data.num_workers
+    # Decoded images are served from memory; worker processes would only copy them.
+    workers = 0 if data["train"].cache is not None else recipe.data.num_workers
     train_loader = DataLoader(
         data["train"],
         batch_size=settings.batch_size,

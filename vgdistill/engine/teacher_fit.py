@@ -323,8 +323,9 @@ class Frames:
 
     The same decoder and transform as training (vgdistill.data), so the teacher is fitted on
     exactly the frames it will be shown at distillation time; with `augment`, TransVG's
-    augmentation (a flip swaps left/right in the phrase too). Without augmentation the
-    distinct images can be decoded once and kept (float16) in memory.
+    augmentation (a flip swaps left/right in the phrase too). When an image can only take fixed
+    forms (no augmentation, or flips only), its forms can be decoded once and kept (float16) in
+    memory, so epochs after the first touch no PNG.
     """
 
     def __init__(
@@ -344,7 +345,8 @@ class Frames:
         self.table = table
         self.size = int(image_size)
         self.transform = GroundingTransform(self.size, augment=augment, ops=augment_ops)
-        self.cache: torch.Tensor | None = None
+        self.flips = self.transform.fixed_flips()
+        self.cache: torch.Tensor | None = None  # [images, flips, 3, S, S] float16
 
     def __len__(self) -> int:
         return len(self.table.phrases)
@@ -362,30 +364,49 @@ class Frames:
         """Row `row` as (image float32 [3,S,S], phrase after any flip word-swap)."""
         phrase = self.table.phrases[row]
         if self.cache is not None:
-            return self.cache[self.table.image_of_row[row]].float(), phrase
+            from vgdistill.data.transforms import FLIP_PROB, swap_left_right
+
+            flipped = len(self.cache[0]) > 1 and random.Random(_torch_seed()).random() < FLIP_PROB
+            if flipped:
+                phrase = swap_left_right(phrase)
+            return self.cache[self.table.image_of_row[row], int(flipped)].float(), phrase
         return self._frame(row, phrase)
 
     def image(self, k: int) -> torch.Tensor:
         """Distinct image `k` (un-augmented), float32 [3,S,S]."""
         if self.cache is not None:
-            return self.cache[k].float()
+            return self.cache[k, 0].float()
         return self._frame(self.table.first_row[k], "")[0]
 
+    def forms(self, k: int) -> torch.Tensor:
+        """Distinct image `k` under each of `self.flips`, float32 [flips,3,S,S]."""
+        import torch
+
+        from vgdistill.data.images import load_row_image
+
+        rec = self.ds[int(self.table.first_row[k])]
+        img = load_row_image(rec, f"{rec.get('source', 'dataset')} image {rec.get('image_id')}")
+        box = [0.0, 0.0, img.width, img.height]
+        return torch.stack([self.transform.fixed(img, box, "", f).image for f in self.flips or ()])
+
     def cacheable(self) -> bool:
-        """Whether keeping every distinct image in memory stays under CACHE_LIMIT_BYTES."""
-        n_bytes = len(self.table.first_row) * 3 * self.size * self.size * 2
-        return not self.transform.augment and n_bytes <= CACHE_LIMIT_BYTES
+        """Whether every distinct image's forms fit in memory (CACHE_LIMIT_BYTES)."""
+        if self.flips is None:
+            return False
+        n_bytes = len(self.table.first_row) * len(self.flips) * 3 * self.size * self.size * 2
+        return n_bytes <= CACHE_LIMIT_BYTES
 
     def load_cache(self, num_workers: int) -> None:
-        """Decode every distinct image once (in worker processes) and keep it in memory."""
+        """Decode every distinct image once (in worker processes) and keep its forms in memory."""
         import torch
         from torch.utils.data import DataLoader
 
         loader = DataLoader(
-            _DistinctImages(self), batch_size=64, num_workers=num_workers, collate_fn=torch.stack
+            _DistinctForms(self), batch_size=64, num_workers=num_workers, collate_fn=torch.stack
         )
         chunks = [b.half() for b in loader]
-        self.cache = torch.cat(chunks) if chunks else torch.empty(0, 3, self.size, self.size)
+        empty = torch.empty(0, len(self.flips or ()), 3, self.size, self.size)
+        self.cache = torch.cat(chunks) if chunks else empty
 
 
 def _torch_seed() -> int:
@@ -406,6 +427,19 @@ class _DistinctImages:
 
     def __getitem__(self, k: int) -> torch.Tensor:
         return self.frames.image(k)
+
+
+class _DistinctForms:
+    """Map-style dataset over a split's distinct images, each under every cached flip."""
+
+    def __init__(self, frames: Frames):
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return len(self.frames.table.first_row)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        return self.frames.forms(k)
 
 
 def _collate_pairs(samples: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
@@ -481,20 +515,18 @@ class SplitPairs:
     positives: list[set[int]]
 
 
-def load_split_pairs(
-    recipe: Recipe, split: str, augment: bool = False, cache: bool | None = None
-) -> SplitPairs:
+def load_split_pairs(recipe: Recipe, split: str, augment: bool = False) -> SplitPairs:
     """Read `split` of recipe.data.path as the student's frames (data.image_size).
 
-    cache: decode every distinct image once and keep it (default: when they fit in
-    CACHE_LIMIT_BYTES and there is no augmentation).
+    Every distinct image is decoded once and kept when its forms fit in CACHE_LIMIT_BYTES and
+    are fixed (no augmentation, or flips only).
     """
     from vgdistill.data.prepare import load_split
 
     ds = load_split(recipe.data.path, split)
     table = PairTable.from_split(ds)
     frames = Frames(ds, table, recipe.data.image_size, augment, recipe.data.augment_ops)
-    if frames.cacheable() if cache is None else cache:
+    if frames.cacheable():
         frames.load_cache(recipe.data.num_workers)
     texts, positives = table.positives()
     return SplitPairs(table, frames, texts, positives)

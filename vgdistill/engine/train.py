@@ -473,7 +473,7 @@ class Trainer:
                 dataset,
                 student.to(self.acc.device),
                 teacher if r.distill.modality in ("both", "image") else None,
-                self.acc.device,
+                self.acc,
                 show_progress=self.show_progress and self.acc.is_local_main_process,
             )
 

@@ -8,8 +8,10 @@ teacher's image embeddings, are then the same at every visit: training computes 
 On the demo's two CPU cores this trains 2.5 times the images per second (no image decoding,
 no CNN, no teacher image tower in the step).
 
-Each process of a multi-process run builds the whole cache for itself; `train.visual_cache_gb`
-bounds its size, and a run whose cache would not fit trains from pixels as before.
+Under N processes each process encodes every N-th image and the processes exchange their
+shares, so each then holds the whole cache (a step may draw any row) for 1/N of the work.
+`train.visual_cache_gb` bounds its size, and a run whose cache would not fit trains from pixels
+as before.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from vgdistill.data.transforms import FLIP_PROB, GroundingTransform, swap_left_r
 from vgdistill.engine.train import sample_seed
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+
     from vgdistill.data.loader import GroundingDataset
     from vgdistill.recipe import Recipe
 
@@ -52,10 +56,6 @@ def cache_blocker(recipe: Recipe) -> str | None:
     if recipe.distill.teacher_trainable and recipe.distill.modality in ("both", "image"):
         return "the teacher is trained (distill.teacher_trainable)"
     return None
-
-
-def _flips(recipe: Recipe) -> tuple[bool, ...]:
-    return (False, True) if recipe.data.augment and "flip" in recipe.data.augment_ops else (False,)
 
 
 @dataclass
@@ -148,25 +148,51 @@ def _encode(
     return tokens.float().cpu(), pad.cpu(), None if emb is None else emb.float().cpu()
 
 
+def _exchange(acc: Accelerator, own: Tensor, total: int, chunk: int) -> Tensor:
+    """Every process's share (process r holds items r, r+N, r+2N, ...) -> all `total` items in
+    order, on the CPU of every process. Gathered `chunk` items at a time to bound device memory."""
+    from accelerate.utils import gather
+
+    world = acc.num_processes
+    if world == 1:
+        return own
+    if own.dtype == torch.bool:  # gloo gathers no bool tensors
+        return _exchange(acc, own.to(torch.uint8), total, chunk).bool()
+    per = -(-total // world)  # shares differ by at most one item: pad them to one length
+    padded = torch.zeros((per, *own.shape[1:]), dtype=own.dtype)
+    padded[: len(own)] = own
+    parts = []
+    for start in range(0, per, chunk):
+        piece = padded[start : start + chunk].to(acc.device)
+        parts.append(gather(piece).cpu().view(world, len(piece), *own.shape[1:]))
+    # [world, per, ...] -> item j*world + r is process r's j-th
+    return torch.cat(parts, dim=1).transpose(0, 1).reshape(world * per, *own.shape[1:])[:total]
+
+
 def build_cached_rows(
     recipe: Recipe,
     dataset: GroundingDataset,
     student: Any,
     teacher: Any | None,
-    device: torch.device,
+    acc: Accelerator,
     *,
     show_progress: bool,
 ) -> CachedRows | None:
     """Encode every (image, flip) of `dataset` once; None (logged) when the cache would not fit.
 
     `teacher` is the frozen teacher whose image embeddings the loss uses (None without image
-    distillation). The student's visual branch runs in eval mode, as it does when frozen.
+    distillation). The student's visual branch runs in eval mode, as it does when frozen. Each
+    of the `acc` processes encodes its share of the images; all end with the whole cache.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     started = time.perf_counter()
-    flips = _flips(recipe)
+    transform = GroundingTransform(
+        recipe.data.image_size, recipe.data.augment, recipe.data.augment_ops
+    )
+    flips = transform.fixed_flips()
+    assert flips is not None, "cache_blocker refuses random augmentation"
     data = dataset.data
     image_ids = data["image_id"]
     first_row: dict[str, int] = {}
@@ -187,16 +213,18 @@ def build_cached_rows(
         )
         return None
 
-    transform = GroundingTransform(recipe.data.image_size, augment=False)
     image_of_row = torch.empty(len(image_ids), dtype=torch.int64)
-    sizes = np.empty((len(image_ids), 2), dtype=np.float64)
+    for n, image_id in enumerate(order):
+        image_of_row[rows_of[image_id]] = n
+    mine = order[acc.process_index :: acc.num_processes]
+    own_sizes = torch.empty((len(mine), 2), dtype=torch.int64)  # (width, height)
     parts: dict[str, list[Tensor]] = {"tokens": [], "pad": [], "teacher": []}
     pending: tuple[list[Tensor], list[Tensor]] = ([], [])
     chunk = recipe.eval.batch_size
 
     def flush() -> None:
         if pending[0]:
-            tokens, pad, emb = _encode(student, teacher, *pending, device)
+            tokens, pad, emb = _encode(student, teacher, *pending, acc.device)
             parts["tokens"].append(tokens.view(-1, len(flips), *tokens.shape[1:]))
             parts["pad"].append(pad.view(-1, len(flips), pad.shape[1]))
             if emb is not None:
@@ -214,13 +242,11 @@ def build_cached_rows(
         transient=True,
         disable=not show_progress,
     ) as progress:
-        task = progress.add_task("cache", total=len(order))
-        for n, image_id in enumerate(order):
+        task = progress.add_task("cache", total=len(mine))
+        for n, image_id in enumerate(mine):
             row = data[first_row[image_id]]
             img = load_row_image(row, f"{row.get('source', 'dataset')} image {image_id}")
-            for r in rows_of[image_id]:
-                image_of_row[r] = n
-                sizes[r] = (img.width, img.height)
+            own_sizes[n] = torch.tensor((img.width, img.height))
             for flipped in flips:
                 out = transform.fixed(img, [0.0, 0.0, img.width, img.height], "", flipped)
                 pending[0].append(out.image)
@@ -230,11 +256,19 @@ def build_cached_rows(
             progress.advance(task)
         flush()
     student.train(was_training)
+
+    def whole(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        # A process with no image of its own still takes part in every exchange.
+        own = torch.cat(parts[name]) if parts[name] else torch.empty((0, *shape), dtype=dtype)
+        return _exchange(acc, own, len(order), chunk)
+
+    n_tokens, dim = side * side, student.visual.dim
     cache = VisualCache(
-        tokens=torch.cat(parts["tokens"]),
-        pad=torch.cat(parts["pad"]),
-        teacher=torch.cat(parts["teacher"]) if parts["teacher"] else None,
+        tokens=whole("tokens", (len(flips), n_tokens, dim), torch.float32),
+        pad=whole("pad", (len(flips), n_tokens), torch.bool),
+        teacher=None if teacher is None else whole("teacher", (len(flips), embed), torch.float32),
     )
+    sizes = _exchange(acc, own_sizes, len(order), chunk)[image_of_row].numpy().astype(np.float64)
 
     bboxes = np.asarray(data["bbox"], dtype=np.float64)
     boxes = torch.stack(
@@ -248,10 +282,13 @@ def build_cached_rows(
     input_ids = torch.tensor([[encoded[p][0] for p in ps] for ps in phrases], dtype=torch.int64)
     masks = torch.tensor([[encoded[p][1] for p in ps] for ps in phrases], dtype=torch.int64)
     log.info(
-        "cached the frozen visual branch for %d images x %d flips (%.0f MB) in %.0f s",
+        "cached the frozen visual branch for %d images x %d flips (%.0f MB) in %.0f s%s",
         len(order),
         len(flips),
         need / 1024**2,
         time.perf_counter() - started,
+        f"; {len(mine)} of the images encoded by process {acc.process_index}"
+        if acc.num_processes > 1
+        else "",
     )
     return CachedRows(cache, image_of_row, boxes, input_ids, masks, phrases, recipe.train.seed)

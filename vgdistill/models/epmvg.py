@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from vgdistill.models.backbones import Backbone
 from vgdistill.models.boxes import cxcywh_to_xyxy, paired_generalized_box_iou
-from vgdistill.models.layers import MLP, Attention, TransformerEncoder
+from vgdistill.models.layers import MLP, Attention, TransformerEncoder, sine_position_embedding
 from vgdistill.models.text import TextBranch
 from vgdistill.models.visual import VisualBranch
 
@@ -121,6 +121,14 @@ class EpmVG(nn.Module):
             # reads the phrase sooner when these start small (1.0 keeps the draws unchanged).
             nn.init.normal_(self.reg_token.weight, std=m.embed_init_std)
             nn.init.normal_(self.vl_pos_embed.weight, std=m.embed_init_std)
+        if m.fusion_pos_init == "sine":
+            # Nearby visual tokens then start with similar positions: a relation such as
+            # "the square nearest the red circle" needs attention that falls off with distance,
+            # which a random table has to discover first.
+            side = self.feature_side
+            grid = torch.zeros(1, side, side, dtype=torch.bool)
+            with torch.no_grad():
+                self.vl_pos_embed.weight[-self.num_visual :] = sine_position_embedding(grid, dim)[0]
         self.fusion = TransformerEncoder(
             m.fusion_layers, dim, m.fusion_heads, m.fusion_ffn, m.dropout
         )
