@@ -269,6 +269,11 @@ def test_shapes_source_is_deterministic(tmp_path):
     c = prepare("shapes", SourceArgs(seed=4, split_rows=counts), tmp_path / "c", progress=False)
     assert a.rows_kept == 24 and a.manifest["args"]["seed"] == 3
     assert a.manifest["fingerprint"] == b.manifest["fingerprint"] != c.manifest["fingerprint"]
+    # The train mix is part of the dataset's identity: another mix is another dataset.
+    mix = SourceArgs(seed=3, split_rows=counts, train_mix="relational")
+    d = prepare("shapes", mix, tmp_path / "d", progress=False)
+    assert d.manifest["args"]["train_mix"] == "relational"
+    assert d.manifest["fingerprint"] != a.manifest["fingerprint"]
 
     def table(folder):
         dd = datasets.load_from_disk(str(folder))

@@ -295,6 +295,36 @@ def test_the_two_test_splits_hold_different_phrase_types(rows: list[dict]) -> No
     assert all(len(set(t)) == len(t) for t in by_image.values())
 
 
+def test_relational_train_mix_leans_to_nearest_phrases_without_the_centre_shortcut() -> None:
+    """train_mix="relational": train holds more relational and "nearest" phrases than val, and
+    fewer nearest targets that are also their description's match nearest the image centre."""
+    counts = {"train": 2000, "val": 2000}
+    rows = list(generate_rows(5, counts, with_objects=True, train_mix="relational"))
+    natural = list(generate_rows(5, counts, with_objects=True))
+    # val is the same bytes whatever the train mix
+    assert [r["image"] for r in rows if r["split"] == "val"] == [
+        r["image"] for r in natural if r["split"] == "val"
+    ]
+
+    def most_central(r: dict) -> bool:
+        t = r["objects"][r["target"]]
+        group = [o for o in r["objects"] if all(o[a] == t[a] for a in r["query"]["desc"])]
+        return min(group, key=lambda o: math.dist(_centre(o), (32, 32))) is t
+
+    stats = {}
+    for split in ("train", "val"):
+        scenes = [r for r in rows if r["split"] == split and len(r["objects"]) > 2]
+        near = [r for r in scenes if r["query"]["kind"] == "nearest"]
+        relational = sum(r["query"]["kind"] in ("nearest", "direction") for r in scenes)
+        central = sum(map(most_central, near)) / len(near)
+        stats[split] = (relational / len(scenes), len(near) / len(scenes), central)
+    (rel_t, near_t, central_t), (rel_v, near_v, central_v) = stats["train"], stats["val"]
+    assert rel_t > rel_v + 0.1 and near_t > 1.5 * near_v
+    assert central_v > 0.65 and central_t < central_v - 0.08
+    with pytest.raises(VGError, match="train_mix"):
+        next(generate_rows(5, counts, train_mix="nearest"))
+
+
 @pytest.mark.parametrize("split", ["testA", "testB"])
 def test_phrase_blind_baselines_score_low(rows: list[dict], split: str) -> None:
     accs = phrase_blind_accuracies([r for r in rows if r["split"] == split])

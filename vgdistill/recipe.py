@@ -47,6 +47,11 @@ class DataConfig:
         "Which augmentations `augment` applies: resize, crop, jitter, flip, translate.",
     )
     num_workers: int = _f(4, "DataLoader worker processes per training process.")
+    shapes_train_mix: str = _f(
+        "natural",
+        "The shapes train split `vgdistill demo` generates: 'natural' (as val) or 'relational'.",
+        ("natural", "relational"),
+    )
 
 
 @dataclass

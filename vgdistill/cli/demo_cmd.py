@@ -41,6 +41,12 @@ def command(
 
     Runs offline on a laptop CPU in minutes. Re-running reuses every finished stage; a stage
     that was cut off continues where it stopped.
+
+    Examples:
+
+      vgdistill demo
+
+      vgdistill demo --recipe recipes/demo_full.toml --out runs/demo-full
     """
     from vgdistill.engine.demo import DEMO_RECIPE, run_demo, stage_lines, summary
 

@@ -125,6 +125,14 @@ def command(
     image_size: Annotated[
         int, typer.Option("--image-size", help="shapes: side of the generated square images.")
     ] = 64,
+    train_mix: Annotated[
+        str,
+        typer.Option(
+            "--train-mix",
+            help="shapes: the train split's phrases: natural (as val) or relational (more "
+            "'nearest' phrases, fewer that the match nearest the centre answers).",
+        ),
+    ] = "natural",
     skip_missing: Annotated[
         bool,
         typer.Option(
@@ -195,6 +203,7 @@ def command(
         rows=rows,
         split_rows=_parse_split_rows(split_rows),
         image_size=image_size,
+        train_mix=train_mix,
     )
     _warn_unused(src.options, args)
     result = prepare(
@@ -230,8 +239,9 @@ _OPTION_FLAGS = {
     "rows": "--rows",
     "split_rows": "--split-rows",
     "image_size": "--image-size",
+    "train_mix": "--train-mix",
 }
-_DEFAULTS = {"format": "auto", "seed": 0, "image_size": 64}
+_DEFAULTS = {"format": "auto", "seed": 0, "image_size": 64, "train_mix": "natural"}
 
 
 def _warn_unused(options: tuple[str, ...], args: object) -> None:

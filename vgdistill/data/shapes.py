@@ -36,7 +36,11 @@ the reference, often towards the border, so the target is the match nearest the 
 about 70% of the time (val + testB, seed 13).
 
 Splits. testA holds attribute / absolute-position phrases (attr, absolute), testB relational
-phrases (direction, nearest), train and val mix both families half and half.
+phrases (direction, nearest), train and val mix both families half and half. With
+train_mix="relational" the train split leans to relations and to "nearest" among them, and
+drops most of the nearest phrases whose target is also the match nearest the image centre
+(TRAIN_RELATION_SHARE and below), so that shortcut pays less in training; val and the test
+splits are the same bytes either way.
 Each image carries two expressions with different targets (like RefCOCO's several referring
 expressions per image), so a model that ignores the phrase cannot be right on both.
 
@@ -95,6 +99,16 @@ SIZES: tuple[str, ...] = ("small", "large")
 OBJECTS_PER_IMAGE = (3, 5)  # inclusive range
 LESSON_OBJECTS = 2  # objects in a train "lesson" image
 LESSON_SHARE = 0.25  # share of train images that are lessons
+# The "relational" train mix. A relation takes three attention hops to resolve (read the
+# phrase, find the reference, pick the match closest to it), so this train split holds more
+# relational phrases than val (65 % against 50 %), and mostly "nearest" ones (80 % of them first
+# try that kind), the kind a student learns last. And a nearest phrase whose target is also its
+# group's match nearest the image centre is dropped with TRAIN_DECENTRE probability: otherwise
+# "pick the most central match" answers about 70 % of them, and a student settles for that.
+TRAIN_MIXES = ("natural", "relational")
+TRAIN_RELATION_SHARE = 0.65
+TRAIN_NEAREST_FIRST = 0.8
+TRAIN_DECENTRE = 0.65
 # Object side as a fraction of the image side: two clearly separate classes.
 _SIZE_RANGE = {"small": (0.17, 0.21), "large": (0.31, 0.37)}
 
@@ -146,17 +160,25 @@ def generate_rows(
     image_size: int = 64,
     *,
     with_objects: bool = False,
+    train_mix: str = "natural",
 ) -> Iterator[dict]:
     """Yield grounding rows (image PNG bytes, expression, bbox_xyxy, ids, split) per split.
 
     `counts` maps split name (train, val, testA, testB) to a number of rows (default
     DEFAULT_COUNTS). With `with_objects`, each row also carries "objects" (every object's
     shape, colour, size and tight box), "target" and "query" (the phrase's structure).
+    `train_mix` is the train split's phrase mix: "natural" (as val) or "relational".
     """
     counts = dict(DEFAULT_COUNTS if counts is None else counts)
     _check_args(seed, counts, image_size)
+    if train_mix not in TRAIN_MIXES:
+        raise VGError(
+            f"shapes: train_mix must be one of {', '.join(TRAIN_MIXES)}, got {train_mix!r}"
+        )
     for split, count in counts.items():
         family = SPLIT_FAMILIES[split]
+        if split == "train" and train_mix == "relational":
+            family = "relational-train"
         for image_index in range(math.ceil(count / ROWS_PER_IMAGE)):
             n_rows = min(ROWS_PER_IMAGE, count - image_index * ROWS_PER_IMAGE)
             rng = np.random.default_rng([seed, _SPLIT_CODES[split], image_index])
@@ -373,7 +395,7 @@ class _Scene:
     """The objects of one image with their description groups, computed once per scene."""
 
     def __init__(self, objects: list[ShapeObject], size: int) -> None:
-        self.objects = objects
+        self.objects, self.size = objects, size
         self.margin = 0.09 * size  # the pixel margin that makes a position or relation clear
         # groups[d][i]: indices of the objects sharing object i's values on descriptor d.
         self.groups: dict[tuple[str, ...], list[list[int]]] = {}
@@ -393,6 +415,13 @@ class _Scene:
             j != i and (o.colour == t.colour or o.shape == t.shape)
             for j, o in enumerate(self.objects)
         )
+
+    def most_central(self, t: int, query: dict) -> bool:
+        """Whether t is, of the objects matching the query's description, the nearest the centre."""
+        group = self.groups[tuple(query["desc"])][t]
+        half = self.size / 2
+        off = {i: math.hypot(self.objects[i].cx - half, self.objects[i].cy - half) for i in group}
+        return min(group, key=off.__getitem__) == t
 
     def candidates(self, t: int, kind: str) -> list[dict]:
         """All unambiguous phrase structures of one kind for target t."""
@@ -512,11 +541,15 @@ def _side_offset(obj: ShapeObject, ref: ShapeObject, relation: str) -> tuple[flo
 
 def _kind_order(rng: np.random.Generator, family: str) -> list[str]:
     """The phrase kinds to try, preferred first, for a split's family."""
-    if family == "mixed":
+    direction_first = 0.6
+    if family == "relational-train":
+        family = "relation" if rng.random() < TRAIN_RELATION_SHARE else "attribute"
+        direction_first = 1 - TRAIN_NEAREST_FIRST
+    elif family == "mixed":
         family = "attribute" if rng.random() < 0.5 else "relation"
     if family == "attribute":
         return ["attr", "absolute"] if rng.random() < 0.5 else ["absolute", "attr"]
-    return ["direction", "nearest"] if rng.random() < 0.6 else ["nearest", "direction"]
+    return ["direction", "nearest"] if rng.random() < direction_first else ["nearest", "direction"]
 
 
 def _make_queries(
@@ -533,6 +566,12 @@ def _make_queries(
         for kind in _kind_order(rng, family):
             for t in order:
                 cands = scene.candidates(t, kind)
+                if family == "relational-train" and kind == "nearest":
+                    cands = [
+                        c
+                        for c in cands
+                        if not (scene.most_central(t, c) and rng.random() < TRAIN_DECENTRE)
+                    ]
                 if cands:
                     chosen = _pick(rng, cands)
                     chosen["target"] = t

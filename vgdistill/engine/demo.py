@@ -104,6 +104,7 @@ def run_demo(
         args = SourceArgs(
             seed=recipe.train.seed,
             image_size=recipe.data.image_size,
+            train_mix=recipe.data.shapes_train_mix,
             rows=rows,
             split_rows=split_rows,
         )

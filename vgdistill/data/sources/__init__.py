@@ -128,8 +128,8 @@ SOURCES: dict[str, Source] = {
     "shapes": Source(
         name="shapes",
         expects="nothing: a synthetic benchmark generated from --seed (--rows, --split-rows, "
-        "--image-size); splits train/val/testA/testB",
-        options=("seed", "rows", "split_rows", "image_size", "splits"),
+        "--image-size, --train-mix); splits train/val/testA/testB",
+        options=("seed", "rows", "split_rows", "image_size", "train_mix", "splits"),
         inputs=shapes_inputs,
         rows=shapes_rows,
         example="vgdistill prepare shapes --out data/shapes --rows 10000 --seed 0",

@@ -42,6 +42,7 @@ class SourceArgs:
     rows: int | None = None
     split_rows: dict[str, int] | None = None
     image_size: int = 64
+    train_mix: str = "natural"
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,11 @@ def shapes_rows(args: SourceArgs) -> Iterator[RawRow]:
 
     counts = shapes_counts(args)
     rows = shapes.generate_rows(
-        seed=args.seed, counts=counts, image_size=args.image_size, with_objects=True
+        seed=args.seed,
+        counts=counts,
+        image_size=args.image_size,
+        with_objects=True,
+        train_mix=args.train_mix,
     )
     for row in rows:
         yield RawRow(
