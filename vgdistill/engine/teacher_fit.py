@@ -402,7 +402,10 @@ class Frames:
         from torch.utils.data import DataLoader
 
         loader = DataLoader(
-            _DistinctForms(self), batch_size=64, num_workers=num_workers, collate_fn=torch.stack
+            _DistinctImages(self, forms=True),
+            batch_size=64,
+            num_workers=num_workers,
+            collate_fn=torch.stack,
         )
         chunks = [b.half() for b in loader]
         empty = torch.empty(0, len(self.flips or ()), 3, self.size, self.size)
@@ -417,29 +420,17 @@ def _torch_seed() -> int:
 
 
 class _DistinctImages:
-    """Map-style dataset over a split's distinct images (for caching and scoring)."""
+    """Map-style dataset over a split's distinct images (for caching and scoring): item k is
+    `frames.image(k)`, or with `forms` every cached flip of it, `frames.forms(k)`."""
 
-    def __init__(self, frames: Frames):
-        self.frames = frames
-
-    def __len__(self) -> int:
-        return len(self.frames.table.first_row)
-
-    def __getitem__(self, k: int) -> torch.Tensor:
-        return self.frames.image(k)
-
-
-class _DistinctForms:
-    """Map-style dataset over a split's distinct images, each under every cached flip."""
-
-    def __init__(self, frames: Frames):
-        self.frames = frames
+    def __init__(self, frames: Frames, forms: bool = False):
+        self.frames, self.forms = frames, forms
 
     def __len__(self) -> int:
         return len(self.frames.table.first_row)
 
     def __getitem__(self, k: int) -> torch.Tensor:
-        return self.frames.forms(k)
+        return self.frames.forms(k) if self.forms else self.frames.image(k)
 
 
 def _collate_pairs(samples: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
