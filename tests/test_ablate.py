@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from vgdistill.cli.app import app
-from vgdistill.engine.ablate import FACTORS, idle_changes, plan, toml_value
 from vgdistill.recipe import load_recipe
+from vgdistill.tools.ablate import FACTORS, idle_changes, plan, toml_value
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny.toml"

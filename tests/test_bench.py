@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vgdistill.cli.app import app  # noqa: E402
-from vgdistill.engine.bench import Config, FastPath, paired_ratio  # noqa: E402
+from vgdistill.tools.bench import Config, FastPath, paired_ratio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny.toml")

@@ -10,17 +10,17 @@ from typer.testing import CliRunner
 from vgdistill.cli.app import app
 from vgdistill.data.prepare import load_prepared, prepare
 from vgdistill.data.sources import SourceArgs
-from vgdistill.engine.detector_fit import (
+from vgdistill.errors import VGError
+from vgdistill.models.factory import build_model
+from vgdistill.models.files import load_state_file
+from vgdistill.recipe import load_recipe
+from vgdistill.training.detector import (
     REPORT_FILE,
     WEIGHTS_FILE,
     DetectionImages,
     DetectorSettings,
     fit_detector,
 )
-from vgdistill.errors import VGError
-from vgdistill.models.factory import build_model
-from vgdistill.models.files import load_state_file
-from vgdistill.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 runner = CliRunner()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vgdistill.engine.evaluate import (
+from vgdistill.evaluation.evaluate import (
     _first_occurrence,
     results_table,
     shuffle_phrases,

@@ -16,12 +16,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vgdistill.engine.bench import PLAIN, FastPath, Rig, synthetic_batches  # noqa: E402
-from vgdistill.engine.optim import build_optimizer  # noqa: E402
-from vgdistill.engine.train import StudentWithTeacher  # noqa: E402
+from vgdistill.losses.distillation import DistillationTask  # noqa: E402
 from vgdistill.models.factory import build_model, build_tokenizer  # noqa: E402
 from vgdistill.models.teacher import Teacher  # noqa: E402
 from vgdistill.recipe import from_dict  # noqa: E402
+from vgdistill.tools.bench import PLAIN, FastPath, Rig, synthetic_batches  # noqa: E402
+from vgdistill.training.optim import build_optimizer  # noqa: E402
 
 S, L, B = 64, 12, 4
 
@@ -54,13 +54,13 @@ def no_dropout(model):
 def one_step(model, batch, t_img, t_txt, fused):
     """Forward, loss, backward and one AdamW step; returns (output, loss, params after)."""
     r = recipe()
-    module = StudentWithTeacher(model, _Fixed(t_img, t_txt), r.distill)
+    module = DistillationTask(model, r.distill)
     groups = model.param_groups(r.train)
     # What training builds (fused on CPU and CUDA), or torch's default per-tensor loop.
     opt = build_optimizer(groups, r.train, "cpu") if fused else torch.optim.AdamW(groups)
     assert bool(opt.defaults.get("fused")) == fused
     out = model(batch["image"], batch["image_mask"], batch["input_ids"], batch["attention_mask"])
-    loss, _ = module(batch)
+    loss, _ = module(batch, _Fixed(t_img, t_txt))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     opt.step()

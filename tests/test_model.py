@@ -15,6 +15,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vgdistill.errors import VGError  # noqa: E402
+from vgdistill.losses.distillation import (  # noqa: E402
+    distill_loss,
+    distillation_losses,
+    total_loss,
+)
+from vgdistill.losses.grounding import box_losses  # noqa: E402
 from vgdistill.models.boxes import (  # noqa: E402
     box_iou,
     cxcywh_to_xyxy,
@@ -30,7 +36,7 @@ from vgdistill.models.checkpoint import (  # noqa: E402
     load_model_weights,
     save_checkpoint,
 )
-from vgdistill.models.epmvg import GroundingOutput, box_losses, distill_loss  # noqa: E402
+from vgdistill.models.epmvg import GroundingOutput  # noqa: E402
 from vgdistill.models.factory import build_model  # noqa: E402
 from vgdistill.recipe import from_dict  # noqa: E402
 
@@ -148,7 +154,7 @@ def test_fast_path_equals_plain_path():
     outs = []
     for m in (fast, plain):
         out = run(m, batch, return_attention=True)
-        loss, _ = m.loss(out, batch, t_img, t_txt)
+        loss, _ = total_loss(out, batch["boxes"], t_img, t_txt, tiny_recipe().distill)
         loss.backward()
         outs.append((out, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
     (o1, g1), (o2, g2) = outs
@@ -193,7 +199,7 @@ def test_losses_on_hand_computed_inputs(model):
     assert math.isclose(distill_loss(s, t, "mse").item(), 1.75, rel_tol=1e-6)  # (1+4+1+1) / 4
     # The model's total: L1 + GIoU + 1.5 * L_dv + 2.0 * L_dl with cosine distillation.
     out = GroundingOutput(pred_boxes=pred, student_img=s, student_txt=s.flip(0))
-    total, parts = model.loss(out, {"boxes": tgt}, teacher_img=t, teacher_txt=t)
+    total, parts = total_loss(out, tgt, t, t, tiny_recipe().distill)
     l_txt = distill_loss(s.flip(0), t, "cosine").item()
     assert math.isclose(l_txt, 1 - 1 / math.sqrt(2), rel_tol=1e-5)  # cos = 1/sqrt(2) twice
     assert math.isclose(total.item(), 0.7 + expected_giou + 1.5 * 0.5 + 2.0 * l_txt, rel_tol=1e-5)
@@ -252,7 +258,7 @@ def test_distill_position_routes_gradient(position, expect):
     m = build_model(tiny_recipe(distill={"position": position}), load_weights=False).train()
     batch = make_batch()
     out = run(m, batch)
-    l_img, l_txt = m.distill_losses(out, torch.randn(B, 64), torch.randn(B, 64))
+    l_img, l_txt = distillation_losses(out, torch.randn(B, 64), torch.randn(B, 64), "cosine")
     (1.5 * l_img + 2.0 * l_txt).backward()
     got = _grads(m)
     for part, want in expect.items():
@@ -280,7 +286,8 @@ def test_modalities(modality):
     assert (out.student_img is None) is (modality in ("none", "text"))
     assert (out.student_txt is None) is (modality in ("none", "image"))
     assert (m.distill_img is None) is (out.student_img is None)
-    _, parts = m.loss(out, make_batch(), torch.randn(B, 64), torch.randn(B, 64))
+    t_img, t_txt = torch.randn(B, 64), torch.randn(B, 64)
+    _, parts = total_loss(out, make_batch()["boxes"], t_img, t_txt, tiny_recipe().distill)
     if modality == "none":
         assert parts["loss_distill_img"] == 0 and parts["loss_distill_txt"] == 0
 
@@ -358,7 +365,8 @@ def test_bf16_autocast_close_to_fp32(model):
     ref = run(model, batch).pred_boxes
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = run(model, batch, return_attention=True)
-        loss, _ = model.loss(out, batch, torch.randn(B, 64), torch.randn(B, 64))
+        t_img, t_txt = torch.randn(B, 64), torch.randn(B, 64)
+        loss, _ = total_loss(out, batch["boxes"], t_img, t_txt, tiny_recipe().distill)
     assert out.pred_boxes.dtype == torch.float32 and torch.isfinite(loss)
     assert (out.pred_boxes - ref).abs().max() < 0.02
 

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vgdistill.errors import VGError  # noqa: E402
+from vgdistill.losses.distillation import total_loss  # noqa: E402
 from vgdistill.models.backbones import Backbone  # noqa: E402
 from vgdistill.models.factory import build_model, build_tokenizer  # noqa: E402
 from vgdistill.models.teacher import Teacher  # noqa: E402
@@ -128,7 +129,7 @@ def test_build_from_local_paths(files):
     mask = torch.zeros(2, 64, 64, dtype=torch.bool)
     out = model(image, mask, enc["input_ids"], enc["attention_mask"])
     t_img, t_txt = teacher.encode(image, ["the dog on the left", "a cat"])
-    loss, _ = model.loss(out, {"boxes": torch.full((2, 4), 0.5)}, t_img, t_txt)
+    loss, _ = total_loss(out, torch.full((2, 4), 0.5), t_img, t_txt, recipe.distill)
     assert out.pred_boxes.shape == (2, 4) and torch.isfinite(loss)
 
 

@@ -10,8 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vgdistill.cli.app import app
-from vgdistill.engine.draw import colour_for, draw_boxes, text_colour
-from vgdistill.engine.predict import Predictor, attention_heat
+from vgdistill.report.draw import colour_for, draw_boxes, text_colour
+from vgdistill.tools.predict import Predictor, attention_heat
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -94,7 +94,7 @@ def test_cli_table_and_python_api_agree(ckpt, photo, tmp_path):
 def test_predict_matches_the_evaluation_pipeline(ckpt, tmp_path):
     """A prediction equals what `eval` scores for the same image and phrase."""
     from vgdistill.data.loader import GroundingDataset, collate
-    from vgdistill.engine.evaluate import to_original_xyxy
+    from vgdistill.evaluation.evaluate import to_original_xyxy
     from vgdistill.models.factory import build_tokenizer
 
     datasets = pytest.importorskip("datasets")

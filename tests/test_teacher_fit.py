@@ -228,7 +228,7 @@ def test_saved_teacher_loads_through_open_clip_with_identical_embeddings(fitted,
         assert torch.equal(a.encode_text(text), b.encode_text(text))
 
     # the loaded weights reproduce the retrieval the fit reported (same embeddings as trained)
-    from vgdistill.engine import teacher_fit as tf
+    from vgdistill.training import teacher as tf
 
     report = json.loads((out / "teacher.json").read_text())
     recipe = _load(fitted["recipe"])
@@ -346,7 +346,7 @@ def test_fit_can_start_from_a_saved_teacher_folder(fitted, tmp_path):
 
 
 def test_distinct_batches_never_repeat_an_image_or_a_phrase():
-    from vgdistill.engine.teacher_fit import distinct_batches
+    from vgdistill.training.teacher import distinct_batches
 
     rng = random.Random(0)
     image_of_row = [i // 3 for i in range(300)]  # 100 images x 3 phrases
@@ -364,7 +364,7 @@ def test_distinct_batches_never_repeat_an_image_or_a_phrase():
 def test_retrieval_metrics_by_hand():
     import torch
 
-    from vgdistill.engine.teacher_fit import retrieval_metrics
+    from vgdistill.training.teacher import retrieval_metrics
 
     e = torch.eye(3)
     img = e  # 3 images
@@ -381,9 +381,9 @@ def test_retrieval_metrics_by_hand():
 
 
 def test_architecture_and_output_folder_come_from_the_recipe(tmp_path):
-    from vgdistill.engine.teacher_fit import default_out, resolve_source
     from vgdistill.errors import VGError
     from vgdistill.recipe import load_recipe
+    from vgdistill.training.teacher import default_out, resolve_source
 
     tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
     # distill.teacher names an open_clip model: fit it, write runs/teacher-<recipe name>
@@ -427,8 +427,8 @@ def test_flip_only_augmentation_decodes_each_image_once_with_both_flips(data_dir
 
     from vgdistill.data.images import load_row_image
     from vgdistill.data.transforms import GroundingTransform
-    from vgdistill.engine import teacher_fit as tf
     from vgdistill.recipe import load_recipe
+    from vgdistill.training import teacher as tf
 
     path = write_recipe(tmp_path, data_dir, str(tmp_path / "t"))
     recipe = load_recipe(path, ["data.augment=true", 'data.augment_ops=["flip"]'])

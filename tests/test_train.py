@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from vgdistill.cli.app import app
-from vgdistill.engine.runlog import read_metrics
+from vgdistill.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny.toml"
@@ -76,7 +76,7 @@ def recipe(assets: Path, *extra: str):
 @pytest.fixture(scope="module")
 def baseline(assets, tmp_path_factory):
     """An uninterrupted 9-step run (distillation on both modalities)."""
-    from vgdistill.engine.train import train
+    from vgdistill.training.student import train
 
     out = tmp_path_factory.mktemp("runs") / "baseline"
     summary = train(recipe(assets), out, show_progress=False)
@@ -84,7 +84,7 @@ def baseline(assets, tmp_path_factory):
 
 
 def test_train_loss_falls_and_last_reloads(assets, baseline):
-    from vgdistill.engine.evaluate import evaluate
+    from vgdistill.evaluation.evaluate import evaluate
     from vgdistill.models.checkpoint import load_checkpoint
 
     out, summary = baseline
@@ -126,7 +126,7 @@ def test_train_loss_falls_and_last_reloads(assets, baseline):
 
 
 def test_resume_mid_epoch_is_bit_identical(assets, baseline, tmp_path):
-    from vgdistill.engine.train import TrainInterrupted, train
+    from vgdistill.training.student import TrainInterrupted, train
 
     out = tmp_path / "resumed"
     r = recipe(assets)
@@ -262,7 +262,7 @@ def _launch(n: int, commands: list, driver: str = DRIVER) -> subprocess.Complete
 
 
 def test_two_processes_train_and_eval_match_one(assets, tmp_path):
-    from vgdistill.engine.evaluate import evaluate
+    from vgdistill.evaluation.evaluate import evaluate
     from vgdistill.models.checkpoint import load_checkpoint
 
     out = tmp_path / "mp"
@@ -351,7 +351,7 @@ FROZEN_FLIP = (
 
 
 def _built(r, out: Path):
-    from vgdistill.engine.train import Trainer
+    from vgdistill.training.student import Trainer
 
     trainer = Trainer(r, out, show_progress=False)
     trainer.acc = trainer._make_accelerator()
@@ -365,7 +365,7 @@ def test_frozen_visual_branch_trains_from_cached_tokens(assets, tmp_path):
     from vgdistill.data.images import load_image
     from vgdistill.data.loader import collate, encode_phrase
     from vgdistill.data.transforms import GroundingTransform
-    from vgdistill.engine.visual_cache import CachedRows
+    from vgdistill.training.visual_cache import CachedRows
 
     trainer = _built(recipe(assets, *FROZEN_FLIP), tmp_path / "probe")
     rows = trainer.seeded
@@ -404,7 +404,7 @@ def test_frozen_visual_branch_trains_from_cached_tokens(assets, tmp_path):
 
 
 def test_cached_run_resumes_bit_identically(assets, tmp_path):
-    from vgdistill.engine.train import TrainInterrupted, train
+    from vgdistill.training.student import TrainInterrupted, train
 
     r = recipe(assets, *FROZEN_FLIP)
     train(r, tmp_path / "whole", show_progress=False)
@@ -417,7 +417,7 @@ def test_cached_run_resumes_bit_identically(assets, tmp_path):
 
 
 def test_a_cache_too_large_for_its_budget_trains_from_pixels(assets, tmp_path, caplog):
-    from vgdistill.engine.train import SeededDataset
+    from vgdistill.data.loader import SeededDataset
 
     with caplog.at_level("INFO", logger="vgdistill"):
         trainer = _built(recipe(assets, *FROZEN_FLIP, "train.visual_cache_gb=1e-9"), tmp_path)
@@ -430,7 +430,7 @@ def test_a_cache_too_large_for_its_budget_trains_from_pixels(assets, tmp_path, c
 CACHE_DRIVER = """
 import json, sys, torch
 from vgdistill.cli.common import setup_logging
-from vgdistill.engine.train import Trainer
+from vgdistill.training.student import Trainer
 from vgdistill.recipe import load_recipe
 setup_logging(verbose=False)
 recipe, out, sets = json.loads(sys.argv[1])

@@ -6,11 +6,12 @@ import math
 import pytest
 import torch
 
-from vgdistill.engine.curves import plot_curves
-from vgdistill.engine.optim import build_optimizer, build_scheduler, lr_multiplier
-from vgdistill.engine.runlog import MetricsLog, read_metrics
-from vgdistill.engine.train import RunState, SeededDataset, sample_seed
+from vgdistill.data.loader import SeededDataset, sample_seed
 from vgdistill.recipe import TrainConfig
+from vgdistill.report.curves import plot_curves
+from vgdistill.training.metrics import MetricsLog, read_metrics
+from vgdistill.training.optim import build_optimizer, build_scheduler, lr_multiplier
+from vgdistill.training.student import RunState
 
 
 def _cfg(**kw):

@@ -66,8 +66,8 @@ def tiny_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
     """A run folder (best/, last/, state/) trained for 2 steps, distillation off."""
-    from vgdistill.engine.train import train
     from vgdistill.recipe import load_recipe
+    from vgdistill.training.student import train
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("robust-run") / "run"
@@ -84,7 +84,7 @@ def tiny_ckpt(tiny_run) -> Path:
 @pytest.fixture(scope="session")
 def predictor(tiny_ckpt):
     """The tiny checkpoint loaded once through the Predictor API, on the CPU."""
-    from vgdistill.engine.predict import Predictor
+    from vgdistill.tools.predict import Predictor
 
     return Predictor(tiny_ckpt, "cpu")
 

@@ -81,9 +81,9 @@ def _hidden(folder: Path, suffix: str) -> list[Path]:
 
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tiny_data, tmp_path):
     """SIGKILL a run (save every step) while it writes a checkpoint; everything stays usable."""
-    from vgdistill.engine.train import TrainInterrupted, state_dirs, train
     from vgdistill.models.checkpoint import load_checkpoint
     from vgdistill.recipe import load_recipe
+    from vgdistill.training.student import TrainInterrupted, state_dirs, train
 
     rng = random.Random(SEED)
     sets = tiny_overrides(tiny_data, "train.max_steps=500", "train.save_every=1", "train.keep=2")

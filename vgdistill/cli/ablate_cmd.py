@@ -67,8 +67,8 @@ def command(
 
     Example: vgdistill ablate recipes/r50.toml --modality both,image,text,none --loss cosine,l1
     """
-    from vgdistill.engine.ablate import FACTORS, check_variants, idle_changes, plan
     from vgdistill.recipe import load_recipe
+    from vgdistill.tools.ablate import FACTORS, check_variants, idle_changes, plan
 
     given = {
         "position": distill_pos,
@@ -136,7 +136,7 @@ def _run(
     seeds: int,
 ) -> None:
     from vgdistill.atomic import exclusive
-    from vgdistill.engine.ablate import (
+    from vgdistill.tools.ablate import (
         Interrupted,
         read_eval,
         recipe_drift,

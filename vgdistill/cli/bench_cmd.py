@@ -70,8 +70,8 @@ def command(
     come from the recipe, the data figure from JPEGs generated in a temporary folder.
     """
     from vgdistill.atomic import write_text
-    from vgdistill.engine.bench import BenchOptions, bench_tables, run_bench
     from vgdistill.recipe import load_recipe
+    from vgdistill.tools.bench import BenchOptions, bench_tables, run_bench
 
     resolved = load_recipe(recipe, overrides)
     opts = BenchOptions(

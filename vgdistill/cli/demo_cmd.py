@@ -48,7 +48,7 @@ def command(
 
       vgdistill demo --recipe recipes/demo_full.toml --out runs/demo-full
     """
-    from vgdistill.engine.demo import DEMO_RECIPE, run_demo, stage_lines, summary
+    from vgdistill.tools.demo import DEMO_RECIPE, run_demo, stage_lines, summary
 
     report = run_demo(
         out,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from vgdistill.cli.common import SetOption, console, err_console, friendly
-from vgdistill.engine.detector_fit import DetectorSettings  # no torch at import time
+from vgdistill.training.detector import DetectorSettings  # no torch at import time
 
 _DEFAULT = DetectorSettings()
 
@@ -68,8 +68,8 @@ def command(
 
       vgdistill detector recipes/tiny.toml --steps 800 --force
     """
-    from vgdistill.engine.detector_fit import WEIGHTS_FILE, default_out, fit_detector
     from vgdistill.recipe import load_recipe
+    from vgdistill.training.detector import WEIGHTS_FILE, default_out, fit_detector
 
     rec = load_recipe(recipe, set_ or [])
     target = out if out is not None else default_out(rec, recipe)

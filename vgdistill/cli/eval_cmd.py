@@ -56,16 +56,17 @@ def command(
     `accelerate launch --num_processes N -m vgdistill eval ...` (counts stay exact).
     Given a run folder, writes eval.json (and refreshes curves.png) there.
     """
-    from vgdistill.engine.evaluate import CONTROLS
+    from vgdistill.evaluation.evaluate import CONTROLS
 
     if control is not None and control not in CONTROLS:
         raise VGError(f"--control {control!r} is not one of: {', '.join(CONTROLS)}")
     if not run_or_ckpt.exists():
         raise VGError(f"checkpoint or run folder not found: {run_or_ckpt}")
 
-    from vgdistill.engine.curves import plot_curves
-    from vgdistill.engine.evaluate import evaluate, make_accelerator, results_table
+    from vgdistill.device import make_accelerator
+    from vgdistill.evaluation.evaluate import evaluate, results_table
     from vgdistill.models.checkpoint import load_checkpoint
+    from vgdistill.report.curves import plot_curves
 
     model, recipe = load_checkpoint(run_or_ckpt)
     accelerator = make_accelerator(recipe.train.mixed_precision)

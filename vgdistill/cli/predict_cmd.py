@@ -76,7 +76,7 @@ def command(
         raise VGError('give an IMAGE and at least one phrase, e.g. photo.jpg "the red circle"')
 
     from vgdistill.data.images import load_image
-    from vgdistill.engine.predict import (
+    from vgdistill.tools.predict import (
         Predictor,
         check_phrases,
         encode_image,
@@ -120,7 +120,7 @@ def _table(found: list, title: str) -> object:
     """A rich table of the groundings."""
     from rich.table import Table
 
-    from vgdistill.engine.draw import colour_for
+    from vgdistill.report.draw import colour_for
 
     table = Table(title=title)
     table.add_column("#", justify="right")
@@ -145,8 +145,8 @@ def _run_batch(run_or_ckpt: Path, batch: Path, out: Path, device: str, json_outp
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from vgdistill.atomic import write_text
-    from vgdistill.engine.predict import Predictor, predict_batch, read_batch
     from vgdistill.models.checkpoint import resolve_checkpoint
+    from vgdistill.tools.predict import Predictor, predict_batch, read_batch
 
     if out.resolve() == batch.resolve():
         raise VGError("--out must differ from --batch (it would overwrite the input)")

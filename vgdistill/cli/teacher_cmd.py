@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from vgdistill.cli.common import SetOption, console, err_console, friendly
-from vgdistill.engine.teacher_fit import FitSettings  # no torch at import time
+from vgdistill.training.teacher import FitSettings  # no torch at import time
 
 _DEFAULT = FitSettings()
 
@@ -85,8 +85,8 @@ def command(
 
       vgdistill teacher my.toml --init clip/ViT-B-16.safetensors --out runs/teacher-aerial
     """
-    from vgdistill.engine.teacher_fit import default_out, fit_teacher
     from vgdistill.recipe import load_recipe
+    from vgdistill.training.teacher import default_out, fit_teacher
 
     rec = load_recipe(recipe, set_ or [])
     target = out if out is not None else default_out(rec, recipe)

@@ -41,8 +41,8 @@ def command(
     """
     from accelerate import PartialState
 
-    from vgdistill.engine.train import train
     from vgdistill.recipe import load_recipe
+    from vgdistill.training.student import train
 
     resolved = load_recipe(recipe, overrides)
     out = out or Path("runs") / recipe.stem

@@ -29,7 +29,15 @@ if TYPE_CHECKING:
 
     from vgdistill.recipe import DataConfig
 
-__all__ = ["GroundingDataset", "build_loader", "collate", "encode_phrase", "load_prepared"]
+__all__ = [
+    "GroundingDataset",
+    "SeededDataset",
+    "build_loader",
+    "collate",
+    "encode_phrase",
+    "load_prepared",
+    "sample_seed",
+]
 
 log = logging.getLogger("vgdistill")
 _warned_truncation = False
@@ -115,6 +123,45 @@ class GroundingDataset(Dataset):
             "orig_size": torch.tensor([img.width, img.height], dtype=torch.int64),
             "index": torch.tensor(int(index), dtype=torch.int64),
         }
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Wraps a dataset so that each sample's random draws depend only on (seed, epoch, row).
+
+    The torch CPU, Python and NumPy global generators are seeded per sample and restored
+    afterwards: augmentation becomes independent of worker count, process count and resume
+    point, and loading data in the main process never shifts the RNG that dropout uses.
+    """
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose per-sample seeds are used."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        s = sample_seed(self.seed, self.epoch, int(index))
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+        torch.default_generator.manual_seed(s)
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:

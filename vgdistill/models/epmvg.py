@@ -18,11 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vgdistill.models.backbones import Backbone
-from vgdistill.models.boxes import cxcywh_to_xyxy, paired_generalized_box_iou
 from vgdistill.models.layers import MLP, Attention, TransformerEncoder, sine_position_embedding
 from vgdistill.models.text import TextBranch
 from vgdistill.models.visual import VisualBranch
@@ -51,31 +49,6 @@ class GroundingOutput:
     """(h, w) of the visual token grid; attention.view(B, h, w) is a heat map."""
 
 
-def distill_loss(student: Tensor, teacher: Tensor, kind: str) -> Tensor:
-    """Distance between student features and teacher embeddings, both [B,E].
-
-    cosine: mean over the batch of 1 - cos(s, t) (the paper's loss);
-    l1 / mse: mean absolute / squared difference over all elements, against the raw
-    (unnormalised) CLIP embedding.
-    """
-    student, teacher = student.float(), teacher.float().to(student.device)
-    if kind == "cosine":
-        return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
-    if kind == "l1":
-        return F.l1_loss(student, teacher)
-    if kind == "mse":
-        return F.mse_loss(student, teacher)
-    raise ValueError(f"unknown distillation loss {kind!r}")
-
-
-def box_losses(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """TransVG's box losses on normalised cxcywh: (sum |pred - target| / B, mean(1 - GIoU))."""
-    pred, target = pred.float(), target.float().to(pred.device)
-    l1 = (pred - target).abs().sum() / pred.shape[0]
-    giou = paired_generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target))
-    return l1, (1.0 - giou).mean()
-
-
 def _pool(tokens: Tensor, pad: Tensor, how: str) -> Tensor:
     """[B,N,C] -> [B,C]: the first token, or the mean over non-padding tokens."""
     if how == "first":
@@ -100,12 +73,7 @@ class EpmVG(nn.Module):
         super().__init__()
         m = model_cfg
         dim = m.hidden_dim
-        self.position, self.pool, self.loss_kind = (
-            distill_cfg.position,
-            distill_cfg.pool,
-            distill_cfg.loss,
-        )
-        self.alpha, self.beta = distill_cfg.alpha, distill_cfg.beta
+        self.position, self.pool = distill_cfg.position, distill_cfg.pool
         self.max_query_len = max_query_len
         self.visual = VisualBranch(backbone, dim, m.enc_layers, m.enc_heads, m.enc_ffn, m.dropout)
         self.text = TextBranch(bert)
@@ -224,42 +192,6 @@ class EpmVG(nn.Module):
             if self.distill_txt is not None:
                 out.student_txt = self.distill_txt(_pool(txt_tok, txt_pad, self.pool)).float()
         return out
-
-    # ---- loss -----------------------------------------------------------------------------
-    def distill_losses(
-        self, output: GroundingOutput, teacher_img: Tensor | None, teacher_txt: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """(L_dv, L_dl): image and text distillation losses (0 for a modality that is off)."""
-        zero = output.pred_boxes.new_zeros(())
-        l_img = l_txt = zero
-        if output.student_img is not None:
-            if teacher_img is None:
-                raise ValueError("image distillation is on but no teacher image embedding given")
-            l_img = distill_loss(output.student_img, teacher_img, self.loss_kind)
-        if output.student_txt is not None:
-            if teacher_txt is None:
-                raise ValueError("text distillation is on but no teacher text embedding given")
-            l_txt = distill_loss(output.student_txt, teacher_txt, self.loss_kind)
-        return l_img, l_txt
-
-    def loss(
-        self,
-        output: GroundingOutput,
-        batch: dict[str, Any],
-        teacher_img: Tensor | None = None,
-        teacher_txt: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """L1 + GIoU + alpha * L_dv + beta * L_dl, and its parts (detached) for logging."""
-        l1, giou = box_losses(output.pred_boxes, batch["boxes"])
-        l_img, l_txt = self.distill_losses(output, teacher_img, teacher_txt)
-        total = l1 + giou + self.alpha * l_img + self.beta * l_txt
-        parts = {
-            "loss_l1": l1.detach(),
-            "loss_giou": giou.detach(),
-            "loss_distill_img": l_img.detach(),
-            "loss_distill_txt": l_txt.detach(),
-        }
-        return total, parts
 
     # ---- optimisation ---------------------------------------------------------------------
     def _groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:

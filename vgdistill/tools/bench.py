@@ -3,10 +3,10 @@
 Everything is built offline with random weights (student and teacher): speed does not depend
 on the weights. Step timings use synthetic batches of the recipe's shapes (image_size,
 max_query_len) run through the same module, loss, teacher and optimiser as training
-(`StudentWithTeacher`, `build_optimizer`); the data figure runs the training loader itself
+(`DistillationTask`, `build_optimizer`); the data figure runs the training loader itself
 (decode + augment + tokenize + collate, with the recipe's workers) over a small prepared
 dataset of JPEG images generated in a temporary folder. When the recipe trains on cached visual
-tokens (a frozen visual branch, `vgdistill.engine.visual_cache`), the step training actually
+tokens (a frozen visual branch, `vgdistill.training.visual_cache`), the step training actually
 runs is timed too: BERT, the fusion and the head on tokens and teacher image embeddings
 computed once from the synthetic batches.
 
@@ -379,7 +379,7 @@ def synthetic_prepared_split(folder: Path, rows: int, image_size: int, seed: int
 def _training_loader(split: Any, tokenizer: Any, recipe: Recipe, batch: int, workers: int) -> Any:
     """The loader training iterates: build_loader wrapped as the Trainer wraps it."""
     from vgdistill.data.loader import build_loader
-    from vgdistill.engine.train import Trainer
+    from vgdistill.training.student import Trainer
 
     loader = build_loader(
         split,
@@ -470,10 +470,10 @@ class Rig:
     def __init__(
         self, recipe: Recipe, device: torch.device, batch: int, eval_batch: int, seed: int
     ) -> None:
-        from vgdistill.engine.optim import build_optimizer
-        from vgdistill.engine.train import StudentWithTeacher
+        from vgdistill.losses.distillation import DistillationTask
         from vgdistill.models.factory import build_model, build_tokenizer, needs_teacher
         from vgdistill.models.teacher import Teacher
+        from vgdistill.training.optim import build_optimizer
 
         self.recipe, self.device = recipe, device
         torch.manual_seed(seed)
@@ -505,17 +505,14 @@ class Rig:
             torch.randn(batch, e, generator=g).to(device) if e else None,
             torch.randn(batch, e, generator=g).to(device) if e else None,
         )
-        self.student_only = StudentWithTeacher(self.student, targets, recipe.distill)
-        self.with_teacher = (
-            StudentWithTeacher(self.student, self.teacher, recipe.distill)
-            if self.teacher is not None
-            else None
-        )
+        # One task for both steps: the student-only step passes fixed targets as its teacher.
+        self.task = DistillationTask(self.student, recipe.distill)
+        self.targets = targets
         self._compiled: Any = None
         self.fp: FastPath | None = None
         self.optimizer = self.opt_fast
         self.scaler: Any = None
-        from vgdistill.engine.visual_cache import cache_blocker
+        from vgdistill.training.visual_cache import cache_blocker
 
         if cache_blocker(recipe) is None:
             self.cached_batches = [self._cached(b, pin) for b in self.batches]
@@ -559,7 +556,7 @@ class Rig:
 
     def apply(self, fp: FastPath) -> None:
         """Switch every feature to `fp` (weights stay; optimiser moments start afresh)."""
-        from vgdistill.engine.cuda_flags import set_cuda_speed_flags
+        from vgdistill.device import set_cuda_speed_flags
         from vgdistill.models.layers import Attention
 
         if fp == self.fp:
@@ -587,9 +584,7 @@ class Rig:
         self.opt_plain.state.clear()
         self.optimizer = self.opt_fast if fp.fused_adamw == self.fast_fused else self.opt_plain
         self.scaler = torch.amp.GradScaler(self.device.type) if fp.autocast == "fp16" else None
-        self.student_only.student = self._student_module(fp)
-        if self.with_teacher is not None:
-            self.with_teacher.student = self.student_only.student
+        self.task.student = self._student_module(fp)
         self.fp = fp
 
     def _student_module(self, fp: FastPath) -> Any:
@@ -614,8 +609,7 @@ class Rig:
         """One optimiser step on the next synthetic batch (what the training loop does);
         `cached`: on the next cached batch, with the teacher where it has a part to play."""
         assert self.fp is not None
-        module = self.with_teacher if teacher else self.student_only
-        assert module is not None
+        assert not teacher or self.teacher is not None
         if cached:
             assert self.cached_batches is not None
             batch = self._next(self.cached_batches)
@@ -623,7 +617,7 @@ class Rig:
             batch = self._next(self.batches)
         self.student.train()
         with self._autocast(self.fp):
-            loss, _ = module(batch)
+            loss, _ = self.task(batch, self.teacher if teacher else self.targets)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -637,7 +631,7 @@ class Rig:
         """One evaluation forward pass on the next synthetic eval batch."""
         assert self.fp is not None
         batch = self._next(self.eval_batches)
-        model = self.student_only.student
+        model = self.task.student
         self.student.eval()
         with torch.inference_mode(), self._autocast(self.fp):
             out = model(
@@ -664,13 +658,13 @@ class Rig:
             torch.zeros(n, max(1, self.student.embed_dim), device=self.device),
             torch.zeros(n, max(1, self.student.embed_dim), device=self.device),
         )
-        from vgdistill.engine.train import StudentWithTeacher
+        from vgdistill.losses.distillation import DistillationTask
 
-        module = StudentWithTeacher(self.student, targets, self.recipe.distill)
+        module = DistillationTask(self.student, self.recipe.distill)
         self.student.train()
         counter = FlopCounterMode(display=False)
         with counter:
-            loss, _ = module(batch)
+            loss, _ = module(batch, targets)
             loss.backward()
         train = counter.get_total_flops() / n
         self.student.zero_grad(set_to_none=True)
@@ -776,7 +770,7 @@ def _measure(
             if c.kind == "eval":
                 step, images = rig.eval_step, rig.eval_batch
             elif c.kind == "train cached":
-                teacher = rig.with_teacher is not None
+                teacher = rig.teacher is not None
                 step, images = (lambda t=teacher: rig.train_step(t, cached=True)), rig.batch
             else:
                 teacher = c.kind == "train+teacher"

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from vgdistill.data.images import load_image
-from vgdistill.engine.cuda_flags import set_cuda_speed_flags
+from vgdistill.device import resolve_device, set_cuda_speed_flags
 from vgdistill.errors import VGError
 
 Box = tuple[float, float, float, float]
@@ -37,27 +37,6 @@ class Grounding:
     """Pixel xyxy in the original image (continuous coordinates, 0..width / 0..height)."""
     heat: np.ndarray | None = field(default=None, repr=False)
     """[height, width] float32 in 0..1: where [REG] attends in the last fusion layer."""
-
-
-def resolve_device(device: str | None = None) -> torch.device:
-    """'auto'/None -> CUDA when present else CPU; 'cpu', 'cuda', 'cuda:N' checked to exist."""
-    name = (device or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise VGError(f"--device {device!r} is not one of: auto, cpu, cuda, cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise VGError(f"--device {device!r} is not one of: auto, cpu, cuda, cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise VGError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise VGError(
-                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-            )
-    return dev
 
 
 def check_phrases(phrases: Sequence[str], where: str = "phrase") -> list[str]:
@@ -120,7 +99,7 @@ class Predictor:
     ) -> list[Grounding]:
         """Ground each phrase on `image`; with attention=True each result carries a heat map."""
         from vgdistill.data.loader import encode_phrase
-        from vgdistill.engine.evaluate import to_original_xyxy
+        from vgdistill.evaluation.evaluate import to_original_xyxy
 
         if isinstance(phrases, str):
             phrases = [phrases]
@@ -189,7 +168,7 @@ def render(
     image: Image.Image, groundings: Sequence[Grounding], show_attention: bool = False
 ) -> Image.Image:
     """The image with every box and phrase drawn (and the attention heat maps under them)."""
-    from vgdistill.engine.draw import colour_for, draw_boxes, overlay_heat
+    from vgdistill.report.draw import colour_for, draw_boxes, overlay_heat
 
     canvas = image.convert("RGB")
     colours = [colour_for(i) for i in range(len(groundings))]

@@ -61,7 +61,7 @@ def demo_recipe(out: Path, recipe_path: Path, overrides: list[str]) -> Recipe:
     The detector stage runs when the recipe starts from `vgdistill detector` weights (its
     model.detr_checkpoint names a detr.safetensors); those weights then come from out/detector.
     """
-    from vgdistill.engine.detector_fit import WEIGHTS_FILE
+    from vgdistill.training.detector import WEIGHTS_FILE
 
     placed = [f"data.path='{out / 'data'}'", f"distill.teacher='{out / 'teacher'}'"]
     recipe = load_recipe(recipe_path, placed + overrides)
@@ -88,11 +88,11 @@ def run_demo(
     from vgdistill.data.prepare import prepare, summary_table
     from vgdistill.data.shapes import DEFAULT_COUNTS
     from vgdistill.data.sources.base import SourceArgs
-    from vgdistill.engine.detector_fit import WEIGHTS_FILE, DetectorSettings, fit_detector
-    from vgdistill.engine.evaluate import evaluate, results_table
-    from vgdistill.engine.teacher_fit import FitSettings, fit_teacher
-    from vgdistill.engine.train import RecipeMismatch, read_summary, train
+    from vgdistill.evaluation.evaluate import evaluate, results_table
     from vgdistill.models.checkpoint import load_checkpoint
+    from vgdistill.training.detector import WEIGHTS_FILE, DetectorSettings, fit_detector
+    from vgdistill.training.student import RecipeMismatch, read_summary, train
+    from vgdistill.training.teacher import FitSettings, fit_teacher
 
     console = console or Console(stderr=True)
     out = Path(out)
@@ -104,7 +104,7 @@ def run_demo(
         args = SourceArgs(
             seed=recipe.train.seed,
             image_size=recipe.data.image_size,
-            train_mix=recipe.data.shapes_train_mix,
+            train_mix=recipe.demo.shapes_train_mix,
             rows=rows,
             split_rows=split_rows,
         )
@@ -172,8 +172,8 @@ def run_demo(
 def _predict_pictures(run_dir: Path, recipe: Recipe, folder: Path) -> list[str]:
     """Ground each test image's phrase with `Predictor` and save the drawn PNGs."""
     from vgdistill.data.prepare import load_prepared
-    from vgdistill.engine.draw import colour_for, draw_boxes
-    from vgdistill.engine.predict import Predictor
+    from vgdistill.report.draw import colour_for, draw_boxes
+    from vgdistill.tools.predict import Predictor
 
     predictor = Predictor(run_dir, device="cpu")
     split = recipe.eval.splits[-1]

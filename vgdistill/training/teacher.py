@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from vgdistill import __version__
 from vgdistill.atomic import build_dir, exclusive, write_text
-from vgdistill.engine import fitted
 from vgdistill.errors import NonFiniteLossError, VGError
+from vgdistill.training import fitted
 
 if TYPE_CHECKING:  # torch stays out of `vgdistill --help`
     import torch
@@ -700,7 +700,7 @@ def _train(
     import torch
     from torch.utils.data import DataLoader
 
-    from vgdistill.engine.optim import warmup_cosine
+    from vgdistill.training.optim import warmup_cosine
 
     model = teacher.clip
     train, val = splits["train"], splits["val"]

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import shutil
 import signal
@@ -30,14 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from vgdistill.atomic import exclusive, write_text
-from vgdistill.engine.runlog import MetricsLog, read_metrics
+from vgdistill.data.loader import SeededDataset
 from vgdistill.errors import NonFiniteLossError, VGError
+from vgdistill.losses.distillation import DistillationTask
 from vgdistill.recipe import Recipe, load_recipe, to_toml
+from vgdistill.training.metrics import MetricsLog, read_metrics
 
 log = logging.getLogger("vgdistill")
 
@@ -93,106 +93,6 @@ class RunState:
         """Restore from `state_dict()`."""
         for key, value in state.items():
             setattr(self, key, value)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for one sample of one epoch."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> 1)
-
-
-class SeededDataset(torch.utils.data.Dataset):
-    """Wraps a dataset so that each sample's random draws depend only on (seed, epoch, row).
-
-    The torch CPU, Python and NumPy global generators are seeded per sample and restored
-    afterwards: augmentation becomes independent of worker count, process count and resume
-    point, and loading data in the main process never shifts the RNG that dropout uses.
-    """
-
-    def __init__(self, dataset: Any, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose per-sample seeds are used."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        s = sample_seed(self.seed, self.epoch, int(index))
-        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
-        torch.default_generator.manual_seed(s)
-        random.seed(s)
-        np.random.seed(s % 2**32)
-        try:
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(saved[0])
-            random.setstate(saved[1])
-            np.random.set_state(saved[2])
-
-
-def _float_output(out: Any) -> Any:
-    """The model output with floating tensors in fp32 (losses are computed in full precision)."""
-    if not dataclasses.is_dataclass(out):
-        return out
-    changes = {}
-    for f in dataclasses.fields(out):
-        value = getattr(out, f.name)
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            changes[f.name] = value.float()
-    return dataclasses.replace(out, **changes)
-
-
-class StudentWithTeacher(nn.Module):
-    """The module Accelerate prepares: student forward + teacher targets + loss.
-
-    The frozen teacher is deliberately NOT a submodule: it is not wrapped by DDP, not cast
-    by mixed precision, not in the optimiser and not in saved state. A trainable teacher
-    (an ablation) is a submodule, so it is trained, synchronised and saved with the run.
-    """
-
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, distill_cfg: Any) -> None:
-        super().__init__()
-        self.student = student
-        self.modality = distill_cfg.modality
-        self.teacher_trainable = bool(teacher is not None and distill_cfg.teacher_trainable)
-        if self.teacher_trainable:
-            self.teacher = teacher
-        else:
-            object.__setattr__(self, "frozen_teacher", teacher)
-
-    def _teacher(self) -> nn.Module | None:
-        return self.teacher if self.teacher_trainable else self.frozen_teacher
-
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and its detached parts for one batch (pixels, or cached visual tokens)."""
-        cached = "visual_tokens" in batch
-        out = self.student(
-            batch.get("image"),
-            batch.get("image_mask"),
-            batch["input_ids"],
-            batch["attention_mask"],
-            visual=(batch["visual_tokens"], batch["visual_pad"]) if cached else None,
-        )
-        t_img = batch.get("teacher_image")
-        t_txt = None
-        teacher = self._teacher()
-        if teacher is not None:
-            # Only the embeddings the loss uses are computed (a cached batch brings its own).
-            new_img, t_txt = teacher.encode(
-                batch.get("image"),
-                batch["phrases"],
-                want_image=t_img is None and self.modality in ("both", "image"),
-                want_text=self.modality in ("both", "text"),
-            )
-            if new_img is not None:
-                t_img = new_img
-        # Autocast (mixed precision) covers the network; the loss runs in fp32.
-        with torch.autocast(device_type=batch["input_ids"].device.type, enabled=False):
-            return self.student.loss(_float_output(out), batch, t_img, t_txt)
 
 
 # --------------------------------------------------------------------------- run folder
@@ -318,7 +218,7 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
-        from vgdistill.engine.evaluate import multiprocess_cpu
+        from vgdistill.device import multiprocess_cpu
 
         t = self.recipe.train
         if t.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -372,10 +272,10 @@ class Trainer:
         from accelerate.utils import set_seed
 
         from vgdistill.data.loader import build_loader
-        from vgdistill.engine.cuda_flags import set_cuda_speed_flags
-        from vgdistill.engine.evaluate import load_splits
-        from vgdistill.engine.optim import build_optimizer, build_scheduler
+        from vgdistill.device import set_cuda_speed_flags
+        from vgdistill.evaluation.evaluate import load_splits
         from vgdistill.models.factory import build_model, build_tokenizer
+        from vgdistill.training.optim import build_optimizer, build_scheduler
 
         r, acc = self.recipe, self.acc
         t = r.train
@@ -401,7 +301,10 @@ class Trainer:
             # Fixed shapes: one static graph per batch shape (the short last batch of an epoch
             # gets its own) instead of a dynamic-shape graph replacing the static one.
             student.compile(dynamic=False)
-        self.module = StudentWithTeacher(student, teacher, r.distill)
+        trainable = teacher if teacher is not None and r.distill.teacher_trainable else None
+        # The frozen teacher stays outside the prepared module and is passed to each step.
+        self.frozen_teacher = None if trainable is not None else teacher
+        self.module = DistillationTask(student, r.distill, trainable)
         groups = student.param_groups(t)
         if teacher is not None and r.distill.teacher_trainable:
             groups += teacher.param_groups(r.distill.teacher_lr, t.weight_decay)
@@ -460,7 +363,7 @@ class Trainer:
 
     def _cached_rows(self, dataset: Any, student: nn.Module, teacher: Any) -> Any:
         """The training rows over cached visual tokens, or None to train from pixels."""
-        from vgdistill.engine.visual_cache import build_cached_rows, cache_blocker
+        from vgdistill.training.visual_cache import build_cached_rows, cache_blocker
 
         r = self.recipe
         why_not = cache_blocker(r)
@@ -486,7 +389,7 @@ class Trainer:
         """
         from torch.utils.data import DataLoader, RandomSampler
 
-        from vgdistill.engine.visual_cache import whole_batch
+        from vgdistill.training.visual_cache import whole_batch
 
         if cached is None:
             self.seeded = SeededDataset(loader.dataset, self.recipe.train.seed)
@@ -584,7 +487,7 @@ class Trainer:
             dist.broadcast(buf.data, src=0)
 
     def _eval(self) -> dict[str, Any]:
-        from vgdistill.engine.evaluate import evaluate
+        from vgdistill.evaluation.evaluate import evaluate
 
         r = self.recipe
         split = r.data.val_split
@@ -758,7 +661,7 @@ class Trainer:
                 try:
                     for i, batch in enumerate(loader, start=st.batch):
                         with acc.accumulate(self.module):
-                            loss, parts = self.module(batch)
+                            loss, parts = self.module(batch, self.frozen_teacher)
                             acc.backward(loss)
                             if acc.sync_gradients and t.clip_grad > 0:
                                 acc.clip_grad_norm_(self.module.parameters(), t.clip_grad)
@@ -896,7 +799,7 @@ class Trainer:
         )
 
     def _finish(self) -> dict[str, Any]:
-        from vgdistill.engine.curves import plot_curves
+        from vgdistill.report.curves import plot_curves
 
         acc, st = self.acc, self.state
         if st.evaluated_step != st.step:
@@ -959,8 +862,6 @@ def train(
 
 __all__ = [
     "RunState",
-    "SeededDataset",
-    "StudentWithTeacher",
     "TrainInterrupted",
     "read_metrics",
     "read_summary",

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from vgdistill import __version__
 from vgdistill.atomic import build_dir, exclusive, write_text
-from vgdistill.engine import fitted
 from vgdistill.errors import NonFiniteLossError, VGError
+from vgdistill.training import fitted
 
 if TYPE_CHECKING:  # torch stays out of `vgdistill --help`
     import torch
@@ -129,7 +129,7 @@ class DetectionImages:
         import torch
         from torch.utils.data import DataLoader
 
-        from vgdistill.engine.teacher_fit import CACHE_LIMIT_BYTES
+        from vgdistill.training.teacher import CACHE_LIMIT_BYTES
 
         if len(self) * 3 * self.size * self.size * 2 > CACHE_LIMIT_BYTES:
             return
@@ -392,7 +392,7 @@ def _train(
     import torch
     from torch.utils.data import DataLoader
 
-    from vgdistill.engine.optim import warmup_cosine
+    from vgdistill.training.optim import warmup_cosine
 
     generator = torch.Generator().manual_seed(settings.seed)
     # Decoded images are served from memory; worker processes would only copy them.

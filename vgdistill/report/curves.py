@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 
 from vgdistill.atomic import write_bytes
-from vgdistill.engine.runlog import read_metrics
+from vgdistill.training.metrics import read_metrics
 
 # Loss parts drawn beside the total when the run logged them with a non-zero value.
 PARTS = ("loss_l1", "loss_giou", "loss_distill_img", "loss_distill_txt")

@@ -28,9 +28,8 @@ import torch
 from torch import Tensor
 
 from vgdistill.data.images import load_row_image
-from vgdistill.data.loader import encode_phrase
+from vgdistill.data.loader import encode_phrase, sample_seed
 from vgdistill.data.transforms import FLIP_PROB, GroundingTransform, swap_left_right
-from vgdistill.engine.train import sample_seed
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

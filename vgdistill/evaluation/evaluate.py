@@ -11,14 +11,13 @@ Metrics are fractions in [0, 1]; tables print them as percentages.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vgdistill.engine.cuda_flags import set_cuda_speed_flags
+from vgdistill.device import make_accelerator, set_cuda_speed_flags
 from vgdistill.errors import VGError
 from vgdistill.models.boxes import cxcywh_to_xyxy, paired_box_iou
 
@@ -29,26 +28,6 @@ if TYPE_CHECKING:
 
 CONTROLS = ("shuffle",)
 METRIC_KEYS = ("acc50", "acc75", "miou", "count")
-
-
-def multiprocess_cpu() -> bool:
-    """True under a multi-process launch on a machine without a GPU.
-
-    Accelerate then needs `cpu=True` to join the processes over gloo; without it each process
-    would silently train alone (torchrun / `accelerate launch --multi_gpu` on a CPU box).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
-    return world > 1 and not torch.cuda.is_available() and not xpu
-
-
-def make_accelerator(mixed_precision: str = "no", **kwargs: Any) -> Accelerator:
-    """An Accelerator for this machine; fp16 (GPU only) falls back to fp32 on the CPU."""
-    from accelerate import Accelerator
-
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
-        mixed_precision = "no"
-    return Accelerator(mixed_precision=mixed_precision, cpu=multiprocess_cpu(), **kwargs)
 
 
 def to_original_xyxy(

@@ -1,1 +1,0 @@
-"""Engine: training, evaluation, teacher fitting, ablations, prediction and benchmarks."""

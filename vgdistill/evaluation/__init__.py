@@ -1,0 +1,1 @@
+"""Evaluation: Acc@0.5 per split, exact under several processes."""

@@ -1,0 +1,1 @@
+"""Losses: grounding (L1 + GIoU), cross-modal distillation, and the grid detector."""

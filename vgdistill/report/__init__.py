@@ -1,0 +1,1 @@
+"""What people look at: rich tables, training curves and drawn boxes."""

@@ -1,0 +1,1 @@
+"""Tools built on the method: ablate, bench, demo and predict."""
