@@ -12,8 +12,10 @@ import io
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -218,3 +220,36 @@ def _read_bytes(path: str | os.PathLike, label: str) -> bytes:
         raise VGError(f"expected an image file, got a folder: {label}") from None
     except OSError as e:
         raise VGError(f"{label}: cannot read image ({e.strerror or e})") from None
+
+
+@dataclass(frozen=True)
+class ImageIndex:
+    """A split's rows grouped by image: the one "distinct images" index every stage uses."""
+
+    first_row: list[int]
+    """image k -> the first row that holds it (rows in split order)."""
+    image_of_row: list[int]
+    """row -> its image's index k."""
+
+    @classmethod
+    def from_ids(cls, image_ids: Sequence[Any]) -> ImageIndex:
+        """Group rows by their image_id, images numbered in order of first appearance."""
+        index: dict[Any, int] = {}
+        first_row: list[int] = []
+        image_of_row: list[int] = []
+        for row, image_id in enumerate(image_ids):
+            k = index.setdefault(image_id, len(first_row))
+            if k == len(first_row):
+                first_row.append(row)
+            image_of_row.append(k)
+        return cls(first_row, image_of_row)
+
+    def __len__(self) -> int:
+        return len(self.first_row)
+
+    def rows_of(self) -> list[list[int]]:
+        """image k -> every row that holds it, in split order."""
+        rows: list[list[int]] = [[] for _ in self.first_row]
+        for row, k in enumerate(self.image_of_row):
+            rows[k].append(row)
+        return rows
