@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from vgdistill.cli.app import app
 from vgdistill.recipe import load_recipe
-from vgdistill.tools.ablate import FACTORS, idle_changes, plan, toml_value
+from vgdistill.tools.ablate.plan import FACTORS, idle_changes, plan, toml_value
+from vgdistill.training.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny.toml"
@@ -49,7 +50,7 @@ def _fake_eval(run_dir: Path, **acc50: float) -> None:
     """A finished run as `vgdistill eval` leaves it (only eval.json matters to ablate)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     results = {s: {"acc50": v, "acc75": 0.0, "miou": 0.0, "count": 3} for s, v in acc50.items()}
-    (run_dir / "eval.json").write_text(json.dumps({"results": results}))
+    RunDir(run_dir).write_eval({"results": results})
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vgdistill.cli.app import app  # noqa: E402
-from vgdistill.tools.bench import Config, FastPath, paired_ratio  # noqa: E402
+from vgdistill.tools.bench.fastpath import FastPath  # noqa: E402
+from vgdistill.tools.bench.timing import Config, paired_ratio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "tiny.toml")

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from vgdistill import atomic
 from vgdistill.cli.app import app
-from vgdistill.data.prepare import DROP_REASONS, MANIFEST, load_prepared, prepare, read_manifest
+from vgdistill.data.manifest import DROP_REASONS, MANIFEST, load_prepared, read_manifest
+from vgdistill.data.prepare import prepare
 from vgdistill.data.shapes import COLOURS, SHAPES
 from vgdistill.data.sources import SOURCES, RawRow, Source, SourceArgs
 from vgdistill.errors import VGError

@@ -5,6 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from vgdistill.cli.app import app
+from vgdistill.training.rundir import RunDir
 
 runner = CliRunner()
 
@@ -35,6 +36,10 @@ def test_demo_chain_end_to_end_then_reuses(tmp_path):
     assert len(summary["pictures"]) == 4
     assert all((out / "predict" / p.split("/")[-1]).is_file() for p in summary["pictures"])
     assert (out / "student" / "best" / "model.safetensors").is_file()
+    # eval.json has the one shape `vgdistill eval` writes: {"results": {split: metrics}, ...}.
+    record = json.loads((out / "student" / "eval.json").read_text())
+    assert record["control"] == "shuffle"
+    assert RunDir(out / "student").read_eval() == summary["results"]
 
     again = runner.invoke(app, argv)
     assert again.exit_code == 0, again.output

@@ -8,19 +8,14 @@ import torch
 from typer.testing import CliRunner
 
 from vgdistill.cli.app import app
+from vgdistill.data.detection import DetectionImages
 from vgdistill.data.prepare import load_prepared, prepare
 from vgdistill.data.sources import SourceArgs
 from vgdistill.errors import VGError
 from vgdistill.models.factory import build_model
 from vgdistill.models.files import load_state_file
 from vgdistill.recipe import load_recipe
-from vgdistill.training.detector import (
-    REPORT_FILE,
-    WEIGHTS_FILE,
-    DetectionImages,
-    DetectorSettings,
-    fit_detector,
-)
+from vgdistill.training.detector import REPORT_FILE, WEIGHTS_FILE, fit_detector
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 runner = CliRunner()
@@ -34,6 +29,10 @@ def data_dir(tmp_path_factory):
     return out
 
 
+# The fitted fixture's [detector] settings (seed: train.seed).
+FIT = ("detector.steps=200", "detector.batch_size=32", "train.seed=1")
+
+
 def _recipe(data_dir, *more):
     return load_recipe(
         RECIPES / "tiny.toml", [f"data.path='{data_dir}'", "distill.modality=none", *more]
@@ -43,8 +42,7 @@ def _recipe(data_dir, *more):
 @pytest.fixture(scope="module")
 def fitted(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("det") / "detector"
-    settings = DetectorSettings(steps=200, batch_size=32, seed=1)
-    report = fit_detector(_recipe(data_dir), out, settings, progress=False)
+    report = fit_detector(_recipe(data_dir, *FIT), out, progress=False)
     return out, report
 
 
@@ -83,8 +81,19 @@ def test_cached_images_give_the_same_targets(data_dir):
     assert cached.cache is not None and len(cached.cache[0]) == len(decoded)
     for k in (0, len(decoded) - 1):
         want, got = decoded[k], cached[k]
-        assert torch.allclose(got[0], want[0], atol=1e-2)  # the image is kept as float16
+        assert torch.equal(got[0], want[0].half().float())  # the image is kept as float16
         assert all(torch.equal(a, b) for a, b in zip(got[1:], want[1:], strict=True))
+
+
+def test_images_over_the_cache_limit_are_decoded_per_item(data_dir, monkeypatch):
+    from vgdistill.data import decoded
+
+    split = load_prepared(data_dir)["val"]
+    categories = sorted({c for o in split["objects"] for c in o["category"]})
+    images = DetectionImages(split, categories, image_size=64, grid=8, stride=8)
+    monkeypatch.setattr(decoded, "CACHE_LIMIT_BYTES", len(images) * 3 * 64 * 64 * 2 - 1)
+    images.load_cache(num_workers=0)
+    assert images.cache is None and images[0][0].dtype == torch.float32
 
 
 def test_detector_learns_to_find_objects(fitted):
@@ -118,10 +127,10 @@ def test_weights_use_detr_names_and_load_into_the_student(fitted, data_dir):
 def test_rerun_reuses_other_settings_refuse_force_retrains(fitted, data_dir):
     out, report = fitted
     stamp = (out / WEIGHTS_FILE).stat().st_mtime_ns
-    again = fit_detector(_recipe(data_dir), out, DetectorSettings(steps=200, batch_size=32, seed=1))
+    again = fit_detector(_recipe(data_dir, *FIT), out)
     assert again["reused"] and (out / WEIGHTS_FILE).stat().st_mtime_ns == stamp
     with pytest.raises(VGError, match="other settings"):
-        fit_detector(_recipe(data_dir), out, DetectorSettings(steps=3, batch_size=32, seed=1))
+        fit_detector(_recipe(data_dir, *FIT, "detector.steps=3"), out)
 
 
 def test_cli_writes_a_detector_and_says_how_to_use_it(data_dir, tmp_path):
@@ -154,7 +163,7 @@ def test_bad_inputs_are_one_line_errors(data_dir, tmp_path):
     line = _one_line_error(
         runner.invoke(app, ["detector", recipe, "--set", f"data.path='{data_dir}'", "--steps", "0"])
     )
-    assert "--steps" in line
+    assert "detector.steps must be > 0" in line
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")
@@ -179,7 +188,7 @@ def test_dataset_without_object_boxes_is_refused(tmp_path, monkeypatch):
     out = tmp_path / "plain"
     prepare("plain", SourceArgs(), out, progress=False)
     with pytest.raises(VGError, match="no object boxes"):
-        fit_detector(_recipe(out), tmp_path / "det", DetectorSettings(steps=1))
+        fit_detector(_recipe(out, "detector.steps=1"), tmp_path / "det")
 
 
 def test_train_names_the_missing_detector_then_runs_once_it_exists(fitted, data_dir, tmp_path):

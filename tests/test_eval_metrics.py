@@ -3,12 +3,8 @@
 import pytest
 import torch
 
-from vgdistill.evaluation.evaluate import (
-    _first_occurrence,
-    results_table,
-    shuffle_phrases,
-    to_original_xyxy,
-)
+from vgdistill.evaluation.evaluate import _first_occurrence, shuffle_phrases, to_original_xyxy
+from vgdistill.report.tables import results_table
 
 
 def test_prediction_maps_back_to_original_pixels():

@@ -20,7 +20,9 @@ from vgdistill.losses.distillation import DistillationTask  # noqa: E402
 from vgdistill.models.factory import build_model, build_tokenizer  # noqa: E402
 from vgdistill.models.teacher import Teacher  # noqa: E402
 from vgdistill.recipe import from_dict  # noqa: E402
-from vgdistill.tools.bench import PLAIN, FastPath, Rig, synthetic_batches  # noqa: E402
+from vgdistill.tools.bench.fastpath import PLAIN, FastPath  # noqa: E402
+from vgdistill.tools.bench.rig import Rig  # noqa: E402
+from vgdistill.tools.bench.synthetic import synthetic_batches  # noqa: E402
 from vgdistill.training.optim import build_optimizer  # noqa: E402
 
 S, L, B = 64, 12, 4

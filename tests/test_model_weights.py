@@ -38,7 +38,7 @@ def files(tmp_path_factory):
     import torchvision
     from transformers import BertConfig, BertModel
 
-    from vgdistill.models.teacher import CONFIG_DIR
+    from vgdistill.models.clip_source import CONFIG_DIR
 
     root = tmp_path_factory.mktemp("weights")
     torch.manual_seed(0)

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from vgdistill.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from vgdistill.losses.distillation import distill_loss  # noqa: E402
-from vgdistill.models.teacher import IMAGENET_MEAN, IMAGENET_STD, Teacher  # noqa: E402
+from vgdistill.models.teacher import Teacher  # noqa: E402
 from vgdistill.recipe import from_dict  # noqa: E402
 
 

@@ -228,13 +228,15 @@ def test_saved_teacher_loads_through_open_clip_with_identical_embeddings(fitted,
         assert torch.equal(a.encode_text(text), b.encode_text(text))
 
     # the loaded weights reproduce the retrieval the fit reported (same embeddings as trained)
-    from vgdistill.training import teacher as tf
+    from vgdistill.data.pairs import load_split_pairs
+    from vgdistill.evaluation.retrieval import evaluate_retrieval
+    from vgdistill.models.teacher import Teacher
 
     report = json.loads((out / "teacher.json").read_text())
     recipe = _load(fitted["recipe"])
-    split = tf.load_split_pairs(recipe, recipe.data.val_split)
-    teacher = tf.wrap_teacher(a, tok, TINY_CLIP)
-    again = tf.evaluate_retrieval(teacher, split, torch.device("cpu"))
+    split = load_split_pairs(recipe, recipe.data.val_split)
+    teacher = Teacher(a, tok, TINY_CLIP, trainable=True, precision="fp32")
+    again = evaluate_retrieval(teacher, split, torch.device("cpu"))
     for k in ("i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"):
         assert again[k] == pytest.approx(report["metrics"]["after"][k], abs=1e-6)
 
@@ -346,7 +348,7 @@ def test_fit_can_start_from_a_saved_teacher_folder(fitted, tmp_path):
 
 
 def test_distinct_batches_never_repeat_an_image_or_a_phrase():
-    from vgdistill.training.teacher import distinct_batches
+    from vgdistill.data.pairs import distinct_batches
 
     rng = random.Random(0)
     image_of_row = [i // 3 for i in range(300)]  # 100 images x 3 phrases
@@ -364,7 +366,7 @@ def test_distinct_batches_never_repeat_an_image_or_a_phrase():
 def test_retrieval_metrics_by_hand():
     import torch
 
-    from vgdistill.training.teacher import retrieval_metrics
+    from vgdistill.evaluation.retrieval import retrieval_metrics
 
     e = torch.eye(3)
     img = e  # 3 images
@@ -382,8 +384,9 @@ def test_retrieval_metrics_by_hand():
 
 def test_architecture_and_output_folder_come_from_the_recipe(tmp_path):
     from vgdistill.errors import VGError
+    from vgdistill.models.clip_source import resolve_source
     from vgdistill.recipe import load_recipe
-    from vgdistill.training.teacher import default_out, resolve_source
+    from vgdistill.training.teacher import default_out
 
     tiny = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
     # distill.teacher names an open_clip model: fit it, write runs/teacher-<recipe name>
@@ -426,13 +429,13 @@ def test_flip_only_augmentation_decodes_each_image_once_with_both_flips(data_dir
     import torch
 
     from vgdistill.data.images import load_row_image
+    from vgdistill.data.pairs import load_split_pairs
     from vgdistill.data.transforms import GroundingTransform
     from vgdistill.recipe import load_recipe
-    from vgdistill.training import teacher as tf
 
     path = write_recipe(tmp_path, data_dir, str(tmp_path / "t"))
     recipe = load_recipe(path, ["data.augment=true", 'data.augment_ops=["flip"]'])
-    frames = tf.load_split_pairs(recipe, "val", augment=True).frames
+    frames = load_split_pairs(recipe, "val", augment=True).frames
     assert frames.cache is not None and frames.cache.shape == (40, 2, 3, 32, 32)
     row = frames.ds[0]
     img = load_row_image(row, "val row 0")
@@ -450,4 +453,4 @@ def test_flip_only_augmentation_decodes_each_image_once_with_both_flips(data_dir
     assert seen == {False, True}
     # Random ops other than flips change the pixels at every visit: nothing is kept.
     resized = load_recipe(path, ["data.augment=true", 'data.augment_ops=["flip", "resize"]'])
-    assert tf.load_split_pairs(resized, "val", augment=True).frames.cache is None
+    assert load_split_pairs(resized, "val", augment=True).frames.cache is None

@@ -396,8 +396,8 @@ def test_frozen_visual_branch_trains_from_cached_tokens(assets, tmp_path):
         )
     module = trainer.module.eval()  # no dropout in BERT, so both forwards are comparable
     with torch.no_grad():
-        from_pixels, parts_pixels = module(collate(samples))
-        cached, parts_cached = module(rows.__getitems__(idx))
+        from_pixels, parts_pixels = module(collate(samples), trainer.frozen_teacher)
+        cached, parts_cached = module(rows.__getitems__(idx), trainer.frozen_teacher)
     assert torch.allclose(from_pixels, cached, atol=1e-5), (from_pixels, cached)
     assert parts_cached["loss_distill_img"] > 0
     assert torch.allclose(parts_pixels["loss_distill_img"], parts_cached["loss_distill_img"])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from vgdistill.cli.common import SetOption, State, console, err_console, friendly
+from vgdistill.cli.common import SetOption, State, console, err_console, friendly, out_option
 
 
 def _factor_option(option: str, what: str) -> Any:
@@ -46,11 +47,7 @@ def command(
     ] = 1,
     out: Annotated[
         Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Ablation folder. Default: runs/ablate-NAME, NAME being the recipe file name.",
-        ),
+        out_option("Ablation folder. Default: runs/ablate-NAME, NAME being the recipe file name."),
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the variants and their run folders; run none.")
@@ -68,7 +65,7 @@ def command(
     Example: vgdistill ablate recipes/r50.toml --modality both,image,text,none --loss cosine,l1
     """
     from vgdistill.recipe import load_recipe
-    from vgdistill.tools.ablate import FACTORS, check_variants, idle_changes, plan
+    from vgdistill.tools.ablate.plan import FACTORS, check_variants, idle_changes, plan
 
     given = {
         "position": distill_pos,
@@ -96,34 +93,60 @@ def command(
                 soft_wrap=True,
             )
     if dry_run:
-        _print_plan(variants, grid)
+        from vgdistill.report.tables import ablation_plan_table
+
+        console.print(ablation_plan_table(variants, grid))
         return
     _run(recipe, sets, variants, out, base.eval.splits, grid, seeds)
 
 
-def _print_plan(variants: list, grid: bool) -> None:
-    from rich.table import Table
+def _say(text: str, err: bool = False) -> None:
+    """One plain line per event: no markup, never wrapped (paths stay copyable)."""
+    (err_console if err else console).print(text, highlight=False, markup=False, soft_wrap=True)
 
-    n_runs = sum(len(v.runs) for v in variants)
-    mode = "grid" if grid else "one factor at a time"
-    table = Table(title=f"{len(variants)} variants, {n_runs} runs ({mode})")
-    table.add_column("#", justify="right")
-    table.add_column("variant", style="bold")
-    table.add_column("changes (--set)")
-    table.add_column("seed", justify="right")
-    table.add_column("run folder")
-    table.add_column("status")
-    styles = {"done": "[green]done (skipped)[/]", "partial": "[yellow]partial (resumed)[/]"}
-    i = 0
-    for v in variants:
-        changes = " ".join(v.overrides()) or "(the recipe as written)"
-        for run in v.runs:
-            i += 1
+
+def _reporter(
+    recipe: Path, sets: list[str], splits: list[str], total: int, seeds: int
+) -> Callable[[str, Any, Any, Any], None]:
+    """The `run_all` callback that prints a line as each run starts and ends."""
+    from vgdistill.tools.ablate.plan import recipe_drift
+
+    counter = {"i": 0}
+
+    def on_event(kind: str, variant: Any, run: Any, outcome: Any) -> None:
+        label = variant.name + (f" seed {run.seed}" if seeds > 1 else "")
+        if kind == "start":
+            counter["i"] += 1
+        prefix = f"[{counter['i']}/{total}] {label}:"
+        if kind == "start":
             status = run.status()
-            table.add_row(
-                str(i), v.name, changes, str(run.seed), str(run.dir), styles.get(status, "new")
+            if status != "done":
+                how = "resuming" if status == "partial" else "training"
+                _say(f"{prefix} {how} in {run.dir} (log: {run.log})")
+        elif outcome.status == "skipped":
+            _say(f"{prefix} finished earlier, skipped")
+            drift = recipe_drift(run.dir, recipe, [*sets, *variant.overrides(run)])
+            if drift:
+                keys = ", ".join(drift[:4]) + (" ..." if len(drift) > 4 else "")
+                _say(
+                    f"  warning: its recipe.toml differs from this command in {keys}; its "
+                    f"results are kept (delete {run.dir} to run it again)",
+                    err=True,
+                )
+        elif outcome.status == "done":
+            results = run.results() or {}
+            scores = "  ".join(
+                f"{s} {100 * results[s]['acc50']:.2f}" for s in splits if s in results
             )
-    console.print(table)
+            _say(f"{prefix} done in {_duration(outcome.seconds)}; Acc@0.5 {scores}")
+        else:
+            _say(
+                f"{prefix} FAILED after {_duration(outcome.seconds)}: {outcome.error} "
+                f"(log: {run.log})",
+                err=True,
+            )
+
+    return on_event
 
 
 def _run(
@@ -136,56 +159,12 @@ def _run(
     seeds: int,
 ) -> None:
     from vgdistill.atomic import exclusive
-    from vgdistill.tools.ablate import (
-        Interrupted,
-        read_eval,
-        recipe_drift,
-        run_all,
-        summarise,
-        summary_table,
-        write_summary,
-    )
+    from vgdistill.report.tables import ablation_table
+    from vgdistill.tools.ablate.runner import Interrupted, run_all
+    from vgdistill.tools.ablate.summary import summarise, write_summary
 
     total = sum(len(v.runs) for v in variants)
-    counter = {"i": 0}
-
-    def say(text: str, err: bool = False) -> None:
-        # One plain line per event: no markup, never wrapped (paths stay copyable).
-        (err_console if err else console).print(text, highlight=False, markup=False, soft_wrap=True)
-
-    def on_event(kind: str, variant: Any, run: Any, outcome: Any) -> None:
-        label = variant.name + (f" seed {run.seed}" if seeds > 1 else "")
-        if kind == "start":
-            counter["i"] += 1
-        prefix = f"[{counter['i']}/{total}] {label}:"
-        if kind == "start":
-            status = run.status()
-            if status != "done":
-                how = "resuming" if status == "partial" else "training"
-                say(f"{prefix} {how} in {run.dir} (log: {run.log})")
-        elif outcome.status == "skipped":
-            say(f"{prefix} finished earlier, skipped")
-            drift = recipe_drift(run.dir, recipe, [*sets, *variant.overrides(run)])
-            if drift:
-                keys = ", ".join(drift[:4]) + (" ..." if len(drift) > 4 else "")
-                say(
-                    f"  warning: its recipe.toml differs from this command in {keys}; its "
-                    f"results are kept (delete {run.dir} to run it again)",
-                    err=True,
-                )
-        elif outcome.status == "done":
-            results = read_eval(run.dir) or {}
-            scores = "  ".join(
-                f"{s} {100 * results[s]['acc50']:.2f}" for s in splits if s in results
-            )
-            say(f"{prefix} done in {_duration(outcome.seconds)}; Acc@0.5 {scores}")
-        else:
-            say(
-                f"{prefix} FAILED after {_duration(outcome.seconds)}: {outcome.error} "
-                f"(log: {run.log})",
-                err=True,
-            )
-
+    on_event = _reporter(recipe, sets, splits, total, seeds)
     meta = {
         "recipe": str(recipe),
         "overrides": sets,
@@ -202,7 +181,7 @@ def _run(
             interrupted = True
         summary = summarise(variants, splits, outcomes, meta)
         paths = write_summary(out, summary)
-    console.print(summary_table(summary, title=f"Ablation: {recipe} ({meta['mode']})"))
+    console.print(ablation_table(summary, title=f"Ablation: {recipe} ({meta['mode']})"))
     console.print(f"wrote {', '.join(str(p) for p in paths)}", highlight=False)
     if interrupted:
         err_console.print(

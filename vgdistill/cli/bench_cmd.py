@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -70,10 +69,9 @@ def command(
     come from the recipe, the data figure from JPEGs generated in a temporary folder.
     """
     from vgdistill.atomic import write_text
-    from vgdistill.recipe import load_recipe
-    from vgdistill.tools.bench import BenchOptions, bench_tables, run_bench
+    from vgdistill.report.bench import bench_tables, load_note
+    from vgdistill.tools.bench import BenchOptions, bench_file
 
-    resolved = load_recipe(recipe, overrides)
     opts = BenchOptions(
         device=device,
         batch_size=batch_size,
@@ -87,18 +85,14 @@ def command(
         threads=threads,
     )
     with err_console.status("benchmarking") as status:
-        result = run_bench(resolved, opts, progress=lambda msg: status.update(f"bench: {msg}"))
-    result["recipe"]["file"] = str(recipe)
-    result["recipe"]["overrides"] = list(overrides or [])
+        result = bench_file(
+            recipe, overrides, opts, progress=lambda msg: status.update(f"bench: {msg}")
+        )
     for table in bench_tables(result):
         console.print(table)
-    load, cores = result.get("load_average_start"), os.cpu_count() or 1
-    if result["device"].startswith("cpu") and load is not None and load > cores:
-        err_console.print(
-            f"[yellow]note:[/] load average {load:.1f} on {cores} cores: other processes share "
-            "this CPU, so absolute figures are noisy (fast/plain ratios are paired per window); "
-            "--threads 1 avoids OpenMP threads spinning against them."
-        )
+    note = load_note(result)
+    if note is not None:
+        err_console.print(note)
     if json_out is not None:
         write_text(json_out, json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {json_out}")

@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: error handling, consoles, and the `--set` option."""
+"""Shared CLI plumbing: error handling, consoles, and the options several commands take."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -29,6 +30,17 @@ SetOption = Annotated[
         help="Override a recipe key, e.g. --set train.lr=1e-4 (value read as TOML). Repeatable.",
     ),
 ]
+RunOrCheckpoint = Annotated[
+    Path, typer.Argument(help="Run folder (uses best/, else last/) or a checkpoint folder.")
+]
+ProgressOption = Annotated[
+    bool, typer.Option("--progress/--no-progress", help="Show progress bars.")
+]
+
+
+def out_option(help: str) -> Any:
+    """The `--out` / `-o` option, with the command's own help."""
+    return typer.Option("--out", "-o", help=help)
 
 
 class State:

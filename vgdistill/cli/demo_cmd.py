@@ -7,14 +7,19 @@ from typing import Annotated
 
 import typer
 
-from vgdistill.cli.common import SetOption, console, err_console, friendly
+from vgdistill.cli.common import (
+    ProgressOption,
+    SetOption,
+    console,
+    err_console,
+    friendly,
+    out_option,
+)
 
 
 @friendly
 def command(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything.")] = Path(
-        "runs/demo"
-    ),
+    out: Annotated[Path, out_option("Folder for everything.")] = Path("runs/demo"),
     recipe: Annotated[
         Path | None,
         typer.Option(help="Recipe to run (default: recipes/demo.toml, which you can copy)."),
@@ -27,7 +32,7 @@ def command(
             min=20,
         ),
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: ProgressOption = True,
     force: Annotated[
         bool,
         typer.Option(
@@ -48,7 +53,8 @@ def command(
 
       vgdistill demo --recipe recipes/demo_full.toml --out runs/demo-full
     """
-    from vgdistill.tools.demo import DEMO_RECIPE, run_demo, stage_lines, summary
+    from vgdistill.report.tables import demo_table
+    from vgdistill.tools.demo import DEMO_RECIPE, run_demo, stage_lines
 
     report = run_demo(
         out,
@@ -59,7 +65,7 @@ def command(
         rows=rows,
         force=force,
     )
-    console.print(summary(report))
+    console.print(demo_table(report.results, report.out))
     if report.detector:
         console.print(
             f"detector on val: {report.detector['found50']:.2f} of objects found at IoU 0.5, "
@@ -76,7 +82,7 @@ def command(
     console.print("pictures: " + ", ".join(report.pictures), highlight=False)
     console.print("time: " + "; ".join(stage_lines(report, lambda s: f"{s:.0f}s")), highlight=False)
     console.print(
-        f'next: vgdistill predict {out / "student"} IMAGE "the red circle"',
+        f'next: vgdistill predict {report.student} IMAGE "the red circle"',
         highlight=False,
         markup=False,
     )

@@ -3,52 +3,37 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from vgdistill.cli.common import SetOption, console, err_console, friendly
-from vgdistill.training.detector import DetectorSettings  # no torch at import time
-
-_DEFAULT = DetectorSettings()
-
-
-def detector_table(report: dict[str, Any], split: str) -> Any:
-    """A rich table of the detector's validation figures."""
-    from rich.table import Table
-
-    m = report["metrics"]
-    table = Table(
-        title=f"detector on '{split}' ({report['data']['val_images']} images, "
-        f"{len(report['categories'])} categories)"
-    )
-    table.add_column("objects found@0.5", justify="right", style="bold")
-    table.add_column("category accuracy", justify="right")
-    table.add_column("objects", justify="right")
-    table.add_row(f"{m['found50']:.3f}", f"{m['category_acc']:.3f}", str(m["objects"]))
-    return table
+from vgdistill.cli.common import SetOption, console, err_console, friendly, out_option
 
 
 @friendly
 def command(
     recipe: Annotated[
-        Path, typer.Argument(help="Recipe TOML: its data.* and model.* (visual branch) are used.")
+        Path,
+        typer.Argument(help="Recipe TOML: its data.*, model.* (visual branch) and detector.*."),
     ],
     set_: SetOption = None,
     out: Annotated[
         Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Output folder (default: the folder of model.detr_checkpoint when it names "
-            "detr.safetensors, else runs/detector-NAME, NAME being the recipe file name).",
+        out_option(
+            "Output folder (default: the folder of model.detr_checkpoint when it names "
+            "detr.safetensors, else runs/detector-NAME, NAME being the recipe file name)."
         ),
     ] = None,
-    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = _DEFAULT.steps,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = _DEFAULT.batch_size,
+    steps: Annotated[
+        int | None, typer.Option(help="Optimiser steps (overrides detector.steps).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Images per batch (overrides detector.batch_size).")
+    ] = None,
     lr: Annotated[
-        float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine).")
-    ] = _DEFAULT.lr,
+        float | None,
+        typer.Option(help="Peak AdamW learning rate, warm-up then cosine (overrides detector.lr)."),
+    ] = None,
     force: Annotated[
         bool, typer.Option(help="Retrain even if --out holds a finished detector.")
     ] = False,
@@ -69,12 +54,15 @@ def command(
       vgdistill detector recipes/tiny.toml --steps 800 --force
     """
     from vgdistill.recipe import load_recipe
+    from vgdistill.report.tables import detector_table
     from vgdistill.training.detector import WEIGHTS_FILE, default_out, fit_detector
 
-    rec = load_recipe(recipe, set_ or [])
+    flags = {"steps": steps, "batch_size": batch_size, "lr": lr}
+    # The flags win over the recipe and --set; load_recipe range-checks them.
+    overrides = [f"detector.{k}={v!r}" for k, v in flags.items() if v is not None]
+    rec = load_recipe(recipe, [*(set_ or []), *overrides])
     target = out if out is not None else default_out(rec, recipe)
-    settings = DetectorSettings(steps=steps, batch_size=batch_size, lr=lr, seed=rec.train.seed)
-    report = fit_detector(rec, target, settings, force=force, console=err_console)
+    report = fit_detector(rec, target, force=force, console=err_console)
     if report["reused"]:
         err_console.print(f"{target} already holds this detector (use --force to retrain)")
     console.print(detector_table(report, rec.data.val_split))

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from vgdistill.cli.common import console, friendly
+from vgdistill.cli.common import RunOrCheckpoint, console, friendly
 from vgdistill.errors import VGError
-
-
-def is_run_folder(path: Path) -> bool:
-    """A training run folder (as opposed to a bare checkpoint folder)."""
-    return (
-        path.is_dir()
-        and not (path / "model.safetensors").exists()
-        and any((path / name).exists() for name in ("recipe.toml", "best", "last"))
-    )
 
 
 @friendly
 def command(
-    run_or_ckpt: Annotated[
-        Path,
-        typer.Argument(help="Run folder (uses best/, else last/) or a checkpoint folder."),
-    ],
+    run_or_ckpt: RunOrCheckpoint,
     data: Annotated[
         Path | None,
         typer.Option("--data", help="Prepared dataset folder. Default: the recipe's data.path."),
@@ -63,41 +50,10 @@ def command(
     if not run_or_ckpt.exists():
         raise VGError(f"checkpoint or run folder not found: {run_or_ckpt}")
 
-    from vgdistill.device import make_accelerator
-    from vgdistill.evaluation.evaluate import evaluate, results_table
-    from vgdistill.models.checkpoint import load_checkpoint
-    from vgdistill.report.curves import plot_curves
+    from vgdistill.evaluation.evaluate import evaluate_checkpoint
+    from vgdistill.report.tables import results_table
 
-    model, recipe = load_checkpoint(run_or_ckpt)
-    accelerator = make_accelerator(recipe.train.mixed_precision)
-    model.to(accelerator.device).eval()
-    splits = list(split or recipe.eval.splits)
-    data_path = data or Path(recipe.data.path)
-    results = evaluate(
-        model,
-        recipe,
-        splits,
-        data_path=data_path,
-        control=control,
-        accelerator=accelerator,
-        batch_size=batch_size,
-    )
-    if not accelerator.is_main_process:
-        return
-    record = {
-        "checkpoint": str(run_or_ckpt),
-        "data": str(data_path),
-        "processes": accelerator.num_processes,
-        "control": control,
-        "results": results,
-    }
-    text = json.dumps(record, indent=2) + "\n"
-    console.print(results_table(results, title=f"{run_or_ckpt} on {data_path}"))
-    from vgdistill.atomic import write_text
-
-    if json_out is not None:
-        write_text(json_out, text)
-    if is_run_folder(run_or_ckpt):
-        write_text(run_or_ckpt / "eval.json", text)
-        if (run_or_ckpt / "metrics.jsonl").exists():
-            plot_curves(run_or_ckpt / "metrics.jsonl", run_or_ckpt / "curves.png")
+    record = evaluate_checkpoint(run_or_ckpt, data, split, control, batch_size, json_out)
+    if record is not None:
+        title = f"{run_or_ckpt} on {record['data']}"
+        console.print(results_table(record["results"], title=title))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from vgdistill.cli.common import SetOption, console, friendly
+from vgdistill.cli.common import SetOption, console, friendly, out_option
 
 app = typer.Typer(no_args_is_help=True, help="Convert checkpoints of other codebases.")
 
@@ -26,7 +26,7 @@ def transvg(
             help="TransVG checkpoint (.pth from djiajunustc/TransVG, e.g. best_checkpoint.pth)."
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint folder to write.")],
+    out: Annotated[Path, out_option("Checkpoint folder to write.")],
     recipe: Annotated[
         Path | None,
         typer.Option(

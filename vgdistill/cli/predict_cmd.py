@@ -8,15 +8,13 @@ from typing import Annotated
 
 import typer
 
-from vgdistill.cli.common import console, err_console, friendly
+from vgdistill.cli.common import RunOrCheckpoint, console, err_console, friendly, out_option
 from vgdistill.errors import VGError
 
 
 @friendly
 def command(
-    run_or_ckpt: Annotated[
-        Path, typer.Argument(help="Run folder (uses best/, else last/) or a checkpoint folder.")
-    ],
+    run_or_ckpt: RunOrCheckpoint,
     image: Annotated[
         Path | None, typer.Argument(help="Image file (any format PIL reads).", show_default=False)
     ] = None,
@@ -26,11 +24,9 @@ def command(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Single image: save the image with boxes and phrases drawn (e.g. out.png). "
-            "--batch: the JSONL file of results.",
+        out_option(
+            "Single image: save the image with boxes and phrases drawn (e.g. out.png). "
+            "--batch: the JSONL file of results."
         ),
     ] = None,
     json_output: Annotated[
@@ -111,33 +107,11 @@ def command(
         }
         typer.echo(json.dumps(record, indent=2))
         return
-    console.print(_table(found, f"{image} ({img.width}x{img.height})"))
+    from vgdistill.report.tables import groundings_table
+
+    console.print(groundings_table(found, f"{image} ({img.width}x{img.height})"))
     if out is not None:
         console.print(f"wrote {out}", highlight=False)
-
-
-def _table(found: list, title: str) -> object:
-    """A rich table of the groundings."""
-    from rich.table import Table
-
-    from vgdistill.report.draw import colour_for
-
-    table = Table(title=title)
-    table.add_column("#", justify="right")
-    table.add_column("phrase")
-    for name in ("x1", "y1", "x2", "y2"):
-        table.add_column(name, justify="right")
-    table.add_column("w x h", justify="right")
-    for i, g in enumerate(found):
-        r, gr, b = colour_for(i)
-        x1, y1, x2, y2 = g.box
-        table.add_row(
-            f"[rgb({r},{gr},{b})]■[/] {i + 1}",
-            g.phrase,
-            *(f"{v:.1f}" for v in g.box),
-            f"{x2 - x1:.0f} x {y2 - y1:.0f}",
-        )
-    return table
 
 
 def _run_batch(run_or_ckpt: Path, batch: Path, out: Path, device: str, json_output: bool) -> None:

@@ -7,8 +7,11 @@ from typing import Annotated
 
 import typer
 
-from vgdistill.cli.common import console, err_console, friendly
+from vgdistill.cli.common import ProgressOption, console, err_console, friendly, out_option
+from vgdistill.data.sources.base import SourceArgs  # no torch or datasets at import time
 from vgdistill.errors import VGError
+
+_DEFAULT = SourceArgs()
 
 
 def _parse_splits(text: str | None) -> list[str] | None:
@@ -61,11 +64,9 @@ def command(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Folder to write the prepared dataset to (replaced "
-            "atomically; a folder that is not a prepared dataset is never replaced).",
+        out_option(
+            "Folder to write the prepared dataset to (replaced atomically; a folder that is "
+            "not a prepared dataset is never replaced)."
         ),
     ] = None,
     root: Annotated[
@@ -98,7 +99,7 @@ def command(
             help="refcoco family input: auto (detect), refer "
             "(instances.json + refs(*.p)) or transvg (DATASET_SPLIT.pth files).",
         ),
-    ] = "auto",
+    ] = _DEFAULT.format,
     splits: Annotated[
         str | None,
         typer.Option(
@@ -106,7 +107,9 @@ def command(
             "TransVG's trainval = train + val is skipped unless named)."
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="shapes: generator seed (same seed, same bytes).")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="shapes: generator seed (same seed, same bytes).")
+    ] = _DEFAULT.seed,
     rows: Annotated[
         int | None,
         typer.Option(
@@ -124,7 +127,7 @@ def command(
     ] = None,
     image_size: Annotated[
         int, typer.Option("--image-size", help="shapes: side of the generated square images.")
-    ] = 64,
+    ] = _DEFAULT.image_size,
     train_mix: Annotated[
         str,
         typer.Option(
@@ -132,7 +135,7 @@ def command(
             help="shapes: the train split's phrases: natural (as val) or relational (more "
             "'nearest' phrases, fewer that the match nearest the centre answers).",
         ),
-    ] = "natural",
+    ] = _DEFAULT.train_mix,
     skip_missing: Annotated[
         bool,
         typer.Option(
@@ -155,9 +158,7 @@ def command(
     list_sources: Annotated[
         bool, typer.Option("--list", help="Show the sources and what each expects, then exit.")
     ] = False,
-    progress: Annotated[
-        bool, typer.Option("--progress/--no-progress", help="Show progress bars.")
-    ] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Prepare a grounding dataset from the files you have (or the synthetic `shapes`).
 
@@ -189,8 +190,9 @@ def command(
     if rows is not None and rows <= 0:
         raise VGError(f"--rows must be > 0, got {rows}")
 
-    from vgdistill.data.prepare import prepare, summary_table
-    from vgdistill.data.sources import SourceArgs, get_source
+    from vgdistill.data.prepare import prepare
+    from vgdistill.data.sources import get_source
+    from vgdistill.report.tables import prepare_table
 
     src = get_source(source)
     args = SourceArgs(
@@ -216,7 +218,7 @@ def command(
         console=err_console,
         progress=progress,
     )
-    console.print(summary_table(result.manifest))
+    console.print(prepare_table(result.manifest))
     if result.reused:
         console.print(
             f"[green]up to date:[/] {result.out} already holds this dataset "
@@ -241,15 +243,14 @@ _OPTION_FLAGS = {
     "image_size": "--image-size",
     "train_mix": "--train-mix",
 }
-_DEFAULTS = {"format": "auto", "seed": 0, "image_size": 64, "train_mix": "natural"}
 
 
-def _warn_unused(options: tuple[str, ...], args: object) -> None:
+def _warn_unused(options: tuple[str, ...], args: SourceArgs) -> None:
     """Tell the user about options this source ignores (a typo'd source is a common cause)."""
     unused = [
         flag
         for name, flag in _OPTION_FLAGS.items()
-        if name not in options and getattr(args, name) not in (None, _DEFAULTS.get(name))
+        if name not in options and getattr(args, name) not in (None, getattr(_DEFAULT, name))
     ]
     if unused:
         err_console.print(f"[yellow]note:[/] this source ignores {', '.join(unused)}")

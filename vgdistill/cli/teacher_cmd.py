@@ -3,63 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from vgdistill.cli.common import SetOption, console, err_console, friendly
-from vgdistill.training.teacher import FitSettings  # no torch at import time
-
-_DEFAULT = FitSettings()
-
-
-def retrieval_table(report: dict[str, Any], split: str) -> Any:
-    """A rich table of validation retrieval (R@1 before/after fitting, R@5, chance)."""
-    from rich.table import Table
-
-    before, after = report["metrics"]["before"], report["metrics"]["after"]
-    table = Table(
-        title=f"teacher retrieval on '{split}' "
-        f"({int(after['images'])} images, {int(after['texts'])} distinct phrases)"
-    )
-    table.add_column("direction")
-    table.add_column("R@1 before", justify="right")
-    table.add_column("R@1", justify="right", style="bold")
-    table.add_column("R@5", justify="right")
-    table.add_column("chance R@1", justify="right")
-    for key, name in (("i2t", "image -> phrase"), ("t2i", "phrase -> image")):
-        table.add_row(
-            name,
-            f"{before[f'{key}_r1']:.3f}",
-            f"{after[f'{key}_r1']:.3f}",
-            f"{after[f'{key}_r5']:.3f}",
-            f"{after[f'{key}_chance']:.3f}",
-        )
-    return table
+from vgdistill.cli.common import SetOption, console, err_console, friendly, out_option
 
 
 @friendly
 def command(
     recipe: Annotated[
-        Path, typer.Argument(help="Recipe TOML: its data.* and distill.teacher* keys are used.")
+        Path, typer.Argument(help="Recipe TOML: its data.*, distill.teacher* and teacher.* keys.")
     ],
     set_: SetOption = None,
     out: Annotated[
         Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Output folder (default: distill.teacher when it names a folder, "
-            "else runs/teacher-NAME, NAME being the recipe file name).",
+        out_option(
+            "Output folder (default: distill.teacher when it names a folder, "
+            "else runs/teacher-NAME, NAME being the recipe file name)."
         ),
     ] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = _DEFAULT.epochs,
+    epochs: Annotated[
+        int | None, typer.Option(help="Passes over the training pairs (overrides teacher.epochs).")
+    ] = None,
     batch_size: Annotated[
-        int, typer.Option(help="Pairs per contrastive batch (one phrase per image).")
-    ] = _DEFAULT.batch_size,
+        int | None,
+        typer.Option(
+            help="Pairs per contrastive batch, one phrase per image (overrides teacher.batch_size)."
+        ),
+    ] = None,
     lr: Annotated[
-        float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine).")
-    ] = _DEFAULT.lr,
+        float | None,
+        typer.Option(help="Peak AdamW learning rate, warm-up then cosine (overrides teacher.lr)."),
+    ] = None,
     init: Annotated[
         str | None,
         typer.Option(
@@ -86,12 +62,15 @@ def command(
       vgdistill teacher my.toml --init clip/ViT-B-16.safetensors --out runs/teacher-aerial
     """
     from vgdistill.recipe import load_recipe
+    from vgdistill.report.tables import retrieval_table
     from vgdistill.training.teacher import default_out, fit_teacher
 
-    rec = load_recipe(recipe, set_ or [])
+    flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
+    # The flags win over the recipe and --set; load_recipe range-checks them.
+    overrides = [f"teacher.{k}={v!r}" for k, v in flags.items() if v is not None]
+    rec = load_recipe(recipe, [*(set_ or []), *overrides])
     target = out if out is not None else default_out(rec, recipe)
-    settings = FitSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=rec.train.seed)
-    report = fit_teacher(rec, target, settings, init=init, force=force, console=err_console)
+    report = fit_teacher(rec, target, init=init, force=force, console=err_console)
     if report["reused"]:
         err_console.print(f"{target} already holds this teacher (use --force to refit)")
     console.print(retrieval_table(report, rec.data.val_split))

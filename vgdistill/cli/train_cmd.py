@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from vgdistill.cli.common import SetOption, console, friendly
+from vgdistill.cli.common import SetOption, console, friendly, out_option
 
 
 @friendly
@@ -16,10 +16,7 @@ def command(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file (e.g. recipes/tiny.toml).")],
     overrides: SetOption = None,
     out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out", "-o", help="Run folder. Default: runs/NAME, NAME being the recipe file name."
-        ),
+        Path | None, out_option("Run folder. Default: runs/NAME, NAME being the recipe file name.")
     ] = None,
     resume: Annotated[
         bool,

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vgdistill.data.images import load_row_image
-from vgdistill.data.prepare import load_prepared
+from vgdistill.data.manifest import load_prepared
 from vgdistill.data.transforms import GroundingTransform
 from vgdistill.recipe import AUGMENTATIONS
 

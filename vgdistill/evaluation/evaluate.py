@@ -11,6 +11,7 @@ Metrics are fractions in [0, 1]; tables print them as percentages.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -227,32 +228,52 @@ def evaluate(
     return results
 
 
-def results_table(results: dict[str, dict[str, Any]], title: str = "Evaluation") -> Any:
-    """A rich Table of `evaluate` results (percentages; shuffle-control columns when present)."""
-    from rich.table import Table
+def evaluate_checkpoint(
+    run_or_ckpt: Path,
+    data: Path | None = None,
+    splits: list[str] | None = None,
+    control: str | None = None,
+    batch_size: int | None = None,
+    json_out: Path | None = None,
+) -> dict[str, Any] | None:
+    """Evaluate a checkpoint or run folder (best/, else last/) and record the results.
 
-    control = any("shuffle" in m for m in results.values())
-    table = Table(title=title)
-    table.add_column("split")
-    table.add_column("count", justify="right")
-    table.add_column("Acc@0.5", justify="right")
-    table.add_column("Acc@0.75", justify="right")
-    table.add_column("mIoU", justify="right")
-    if control:
-        table.add_column("Acc@0.5 shuffled", justify="right")
-        table.add_column("mIoU shuffled", justify="right")
-    table.add_column("images/s", justify="right")
-    for split, m in results.items():
-        row = [
-            split,
-            str(m["count"]),
-            f"{100 * m['acc50']:.2f}",
-            f"{100 * m['acc75']:.2f}",
-            f"{100 * m['miou']:.2f}",
-        ]
-        if control:
-            s = m.get("shuffle")
-            row += [f"{100 * s['acc50']:.2f}", f"{100 * s['miou']:.2f}"] if s else ["-", "-"]
-        row.append(f"{m['images_per_s']:.1f}")
-        table.add_row(*row)
-    return table
+    Returns {"checkpoint", "data", "processes", "control", "results": {split: metrics}} on the
+    main process (None on the others), after writing it to `json_out` and, for a run folder,
+    to its eval.json, refreshing its curves.png too.
+    """
+    from vgdistill.atomic import write_text
+    from vgdistill.models.checkpoint import load_checkpoint
+    from vgdistill.report.curves import plot_curves
+    from vgdistill.training.rundir import RunDir
+
+    model, recipe = load_checkpoint(run_or_ckpt)
+    accelerator = make_accelerator(recipe.train.mixed_precision)
+    model.to(accelerator.device).eval()
+    data_path = data or Path(recipe.data.path)
+    results = evaluate(
+        model,
+        recipe,
+        list(splits or recipe.eval.splits),
+        data_path=data_path,
+        control=control,
+        accelerator=accelerator,
+        batch_size=batch_size,
+    )
+    if not accelerator.is_main_process:
+        return None
+    record = {
+        "checkpoint": str(run_or_ckpt),
+        "data": str(data_path),
+        "processes": accelerator.num_processes,
+        "control": control,
+        "results": results,
+    }
+    if json_out is not None:
+        write_text(json_out, json.dumps(record, indent=2) + "\n")
+    run = RunDir(run_or_ckpt)
+    if run.is_run():
+        run.write_eval(record)
+        if run.metrics.exists():
+            plot_curves(run.metrics, run.curves)
+    return record

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vgdistill.errors import VGError
+from vgdistill.training.rundir import RunDir
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -45,9 +46,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise VGError(f"checkpoint not found: {path}")
     if (path / WEIGHTS).is_file():
         return path
-    for sub in ("best", "last"):
-        if (path / sub / WEIGHTS).is_file():
-            return path / sub
+    folder = RunDir(path).checkpoint()
+    if folder is not None:
+        return folder
     raise VGError(
         f"{path} is not a checkpoint: expected {WEIGHTS} in it, or a run folder with best/ or last/"
     )

@@ -4,13 +4,12 @@ Frozen (the paper's setting) it stays in eval mode whatever `.train()` is called
 no gradient, runs under `torch.inference_mode` (in bf16 on a GPU by default), and caches the
 text embedding of each distinct phrase, so a phrase seen in an earlier epoch costs nothing.
 Its image input is built on the image's device from the student's ImageNet-normalised image:
-resize to the teacher's input size, then the teacher's own mean/std.
+resize to the teacher's input size, then the teacher's own mean/std. Where a teacher comes
+from (names, folders, weights) and how it is built and written: `models.clip_source`.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -19,83 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vgdistill.errors import VGError
-
-log = logging.getLogger("vgdistill")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CONFIG_DIR = Path(__file__).parent / "clip_configs"
-LOCAL_CONFIG = "open_clip_config.json"
-LOCAL_WEIGHTS = "open_clip_model.safetensors"
-_registered = False
-
-
-def _open_clip() -> Any:
-    """Import open_clip with vgdistill's model configs (vgd-tiny-clip) registered."""
-    global _registered
-    import open_clip
-
-    if not _registered:
-        open_clip.add_model_config(CONFIG_DIR)
-        _registered = True
-    return open_clip
-
-
-def teacher_folder(name: str) -> Path | None:
-    """The local-dir folder named by distill.teacher, or None when it is an open_clip name."""
-    if name.startswith("local-dir:"):
-        name = name[len("local-dir:") :]
-    elif name.startswith("hf-hub:"):
-        return None
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if "/" in name or name.startswith((".", "~")):
-        raise VGError(
-            f"distill.teacher: folder not found: {name} (write one with `vgdistill teacher`, "
-            "or give an open_clip model name such as ViT-B-16)"
-        )
-    return None
-
-
-def source_folder(distill_cfg: Any) -> Path | None:
-    """The local-dir folder to load: distill.teacher, else teacher_pretrained if it is a folder."""
-    folder = teacher_folder(distill_cfg.teacher)
-    pretrained = distill_cfg.teacher_pretrained
-    if folder is None and pretrained and Path(pretrained).expanduser().is_dir():
-        folder = Path(pretrained).expanduser()
-    return folder
-
-
-def _folder_config(folder: Path) -> dict[str, Any]:
-    path = folder / LOCAL_CONFIG
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        return raw
-    except FileNotFoundError:
-        raise VGError(f"distill.teacher: {folder} has no {LOCAL_CONFIG}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VGError(f"distill.teacher: {path} is not valid JSON ({e})") from None
+from vgdistill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from vgdistill.models.clip_source import (
+    TeacherSource,
+    build_clip,
+    distill_source,
+    write_local_dir,
+)
 
 
 def teacher_model_config(distill_cfg: Any) -> dict[str, Any]:
     """The open_clip model config (embed_dim, vision_cfg, text_cfg) of distill.teacher."""
-    folder = source_folder(distill_cfg)
-    if folder is not None:
-        cfg = _folder_config(folder).get("model_cfg")
-        if not isinstance(cfg, dict):
-            raise VGError(f"distill.teacher: {folder / LOCAL_CONFIG} has no 'model_cfg'")
-        return cfg
-    if distill_cfg.teacher.startswith("hf-hub:"):
-        raise VGError("distill.teacher: hf-hub models need a download; save them to a folder first")
-    cfg = _open_clip().get_model_config(distill_cfg.teacher)
-    if cfg is None:
-        raise VGError(
-            f"distill.teacher: unknown open_clip model {distill_cfg.teacher!r} "
-            "(see open_clip.list_models(), or give a folder written by `vgdistill teacher`)"
-        )
-    return cfg
+    return distill_source(distill_cfg).model_cfg
 
 
 def teacher_embed_dim(distill_cfg: Any) -> int:
@@ -148,40 +82,25 @@ class Teacher(nn.Module):
         super().train(trainable)
 
     @classmethod
+    def from_source(
+        cls,
+        source: TeacherSource,
+        trainable: bool = False,
+        precision: str = "auto",
+        load_weights: bool = True,
+    ) -> Teacher:
+        """Build the teacher a resolved source names (load_weights=False: random weights)."""
+        clip, tokenizer = build_clip(source, load_weights)
+        return cls(clip, tokenizer, source.model_cfg, trainable=trainable, precision=precision)
+
+    @classmethod
     def from_config(cls, distill_cfg: Any, load_weights: bool = True) -> Teacher:
         """Build the teacher named by distill.teacher (+ distill.teacher_pretrained)."""
-        open_clip = _open_clip()
-        folder = source_folder(distill_cfg)
-        model_cfg = teacher_model_config(distill_cfg)
-        try:
-            if folder is not None:
-                name = f"local-dir:{folder}"
-                if load_weights and not (folder / LOCAL_WEIGHTS).is_file():
-                    raise VGError(f"distill.teacher: {folder} has no {LOCAL_WEIGHTS}")
-                clip = open_clip.create_model(
-                    name, load_weights=load_weights, pretrained_text=False
-                )
-            else:
-                name = distill_cfg.teacher
-                pretrained = distill_cfg.teacher_pretrained if load_weights else None
-                clip = open_clip.create_model(
-                    name, pretrained=pretrained or None, pretrained_text=False
-                )
-            tokenizer = open_clip.get_tokenizer(name)
-        except VGError:
-            raise
-        except Exception as e:  # open_clip reports missing tags/files/downloads as Runtime/OSError
-            raise VGError(
-                f"distill.teacher: could not build {distill_cfg.teacher!r} "
-                f"(pretrained {distill_cfg.teacher_pretrained!r}): {type(e).__name__}: "
-                f"{str(e).splitlines()[0][:200] if str(e) else ''}"
-            ) from None
-        return cls(
-            clip,
-            tokenizer,
-            model_cfg,
+        return cls.from_source(
+            distill_source(distill_cfg),
             trainable=distill_cfg.teacher_trainable,
             precision=distill_cfg.teacher_precision,
+            load_weights=load_weights,
         )
 
     @property
@@ -244,7 +163,7 @@ class Teacher(nn.Module):
         if self.frozen:
             # The frozen teacher runs in its own precision (distill.teacher_precision), never
             # under the student's autocast: its targets (and cached phrases) then do not depend
-            # on where it is called from, and on a CPU bf16 autocast made it ~10x slower.
+            # on where it is called from, and a CPU's bf16 autocast is slow.
             with torch.autocast(device.type, enabled=False):
                 if want_image and image is not None:
                     with torch.inference_mode():
@@ -291,21 +210,7 @@ class Teacher(nn.Module):
 
     def save(self, folder: str | Path) -> None:
         """Write the teacher in open_clip's local-dir layout (config + safetensors), atomically."""
-        from safetensors.torch import save_file
-
         from vgdistill.atomic import build_dir
 
-        pp = dict(getattr(self.clip.visual, "preprocess_cfg", {}) or {})
-        preprocess = {
-            "mean": list(pp.get("mean", self.clip.visual.image_mean)),
-            "std": list(pp.get("std", self.clip.visual.image_std)),
-            "interpolation": pp.get("interpolation", "bicubic"),
-            "resize_mode": pp.get("resize_mode", "shortest"),
-        }
-        state = {
-            k: v.detach().float().contiguous().cpu() for k, v in self.clip.state_dict().items()
-        }
         with build_dir(folder) as tmp:
-            save_file(state, str(tmp / LOCAL_WEIGHTS))
-            text = json.dumps({"model_cfg": self.model_cfg, "preprocess_cfg": preprocess}, indent=2)
-            (tmp / LOCAL_CONFIG).write_text(text, encoding="utf-8")
+            write_local_dir(self.clip, self.model_cfg, tmp)

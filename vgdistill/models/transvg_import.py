@@ -149,19 +149,10 @@ def map_state_dict(
     return mapped, skipped
 
 
-def import_transvg(ckpt: str | Path, out: str | Path, recipe: Any | None = None) -> dict[str, Any]:
-    """Convert TransVG checkpoint `ckpt` into a vgdistill checkpoint folder `out`.
-
-    `recipe` supplies everything the checkpoint does not fix (tokenizer, distillation,
-    training settings); architecture fields are overwritten from the checkpoint.
-    Returns a summary dict (architecture, counts of mapped and skipped tensors).
-    """
-    from vgdistill.models.checkpoint import check_state_dict, save_checkpoint
-    from vgdistill.models.factory import build_model
+def _read_checkpoint(ckpt: Path) -> tuple[dict[str, Any], Any]:
+    """(state dict, the reference's argparse args or None) of a TransVG checkpoint file."""
     from vgdistill.models.files import load_torch_file, unwrap_state_dict
-    from vgdistill.recipe import from_dict, validate
 
-    ckpt = Path(ckpt)
     if ckpt.suffix == ".safetensors":
         from vgdistill.models.files import load_safetensors_file
 
@@ -169,13 +160,13 @@ def import_transvg(ckpt: str | Path, out: str | Path, recipe: Any | None = None)
     else:
         raw = load_torch_file(ckpt)
     args = raw.get("args") if isinstance(raw, dict) else None
-    state = unwrap_state_dict(raw, str(ckpt))
-    try:
-        arch = infer_architecture(state, args)
-    except VGError as e:
-        raise VGError(f"{ckpt}: {e}") from None
-    if recipe is None:
-        recipe = from_dict({}, "<defaults>")
+    return unwrap_state_dict(raw, str(ckpt)), args
+
+
+def _imported_recipe(recipe: Any, arch: dict[str, Any], args: Any, ckpt: Path) -> Any:
+    """`recipe` with the architecture, input size and query length the checkpoint fixes."""
+    from vgdistill.recipe import validate
+
     m, data = recipe.model, recipe.data
     data_cfg = dataclasses.replace(
         data,
@@ -215,23 +206,44 @@ def import_transvg(ckpt: str | Path, out: str | Path, recipe: Any | None = None)
     )
     recipe = dataclasses.replace(recipe, model=model_cfg, data=data_cfg)
     validate(recipe, str(ckpt))
+    return recipe
+
+
+def import_transvg(ckpt: str | Path, out: str | Path, recipe: Any | None = None) -> dict[str, Any]:
+    """Convert TransVG checkpoint `ckpt` into a vgdistill checkpoint folder `out`.
+
+    `recipe` supplies everything the checkpoint does not fix (tokenizer, distillation,
+    training settings); architecture fields are overwritten from the checkpoint.
+    Returns a summary dict (architecture, counts of mapped and skipped tensors).
+    """
+    from vgdistill.models.checkpoint import check_state_dict, save_checkpoint
+    from vgdistill.models.factory import build_model
+    from vgdistill.recipe import from_dict
+
+    ckpt = Path(ckpt)
+    state, args = _read_checkpoint(ckpt)
+    try:
+        arch = infer_architecture(state, args)
+    except VGError as e:
+        raise VGError(f"{ckpt}: {e}") from None
+    recipe = _imported_recipe(recipe or from_dict({}, "<defaults>"), arch, args, ckpt)
+    text_layer = recipe.model.text_layer
     mapped, skipped = map_state_dict(state, text_layer)
     bert_cfg = dict(arch["bert"], num_hidden_layers=text_layer)
     model = build_model(recipe, load_weights=False, bert_config=bert_cfg)
     check_state_dict(model, mapped, str(ckpt), allow_missing=("distill_",))
     model.load_state_dict(mapped, strict=False)
     save_checkpoint(model, recipe, out)
-    summary = {
+    log.debug("skipped TransVG keys: %s", ", ".join(skipped))
+    return {
         "backbone": arch["backbone"],
         "hidden_dim": arch["hidden_dim"],
         "enc_layers": arch["enc_layers"],
         "fusion_layers": arch["fusion_layers"],
         "text_layer": text_layer,
-        "image_size": data_cfg.image_size,
-        "max_query_len": data_cfg.max_query_len,
+        "image_size": recipe.data.image_size,
+        "max_query_len": recipe.data.max_query_len,
         "mapped": len(mapped),
         "skipped": len(skipped),
         "distill_modality": recipe.distill.modality,
     }
-    log.debug("skipped TransVG keys: %s", ", ".join(skipped))
-    return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 from vgdistill.atomic import write_bytes
 from vgdistill.training.metrics import read_metrics
@@ -20,6 +21,16 @@ def _floats(records: list[dict], key: str) -> tuple[list[float], list[float]]:
             xs.append(float(r.get("step", 0)))
             ys.append(float(value))
     return xs, ys
+
+
+def _label(ax: Any, ylabel: str, title: str, legend: bool) -> None:
+    """Axis labels, title and grid of one panel (steps across), and its legend when drawn."""
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
 
 
 def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
@@ -43,24 +54,14 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
         px, py = _floats(train, part)
         if px and any(v != 0 for v in py):
             ax_loss.plot(px, py, label=part.removeprefix("loss_"), linewidth=1)
-    ax_loss.set_xlabel("optimiser step")
-    ax_loss.set_ylabel("training loss")
-    ax_loss.set_title("Training loss")
-    ax_loss.grid(alpha=0.3)
-    if xs:
-        ax_loss.legend(fontsize=8)
+    _label(ax_loss, "training loss", "Training loss", legend=bool(xs))
 
     for split in sorted({str(r.get("split")) for r in evals}):
         rows = [r for r in evals if str(r.get("split")) == split]
         ex, ey = _floats(rows, "acc50")
         if ex:
             ax_acc.plot(ex, [100 * v for v in ey], marker="o", label=f"{split} Acc@0.5")
-    ax_acc.set_xlabel("optimiser step")
-    ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.set_title("Validation Acc@0.5")
-    ax_acc.grid(alpha=0.3)
-    if evals:
-        ax_acc.legend(fontsize=8)
+    _label(ax_acc, "accuracy (%)", "Validation Acc@0.5", legend=bool(evals))
 
     fig.tight_layout()
     buf = io.BytesIO()

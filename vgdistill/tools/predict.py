@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vgdistill.data.images import load_image
+from vgdistill.data.images import ImageIndex, load_image
 from vgdistill.device import resolve_device, set_cuda_speed_flags
 from vgdistill.errors import VGError
 
@@ -272,11 +272,9 @@ def predict_batch(
 
     Items that share an image are grounded together (the image is decoded once).
     """
-    by_image: dict[Path, list[int]] = {}
-    for i, item in enumerate(items):
-        by_image.setdefault(item.image.resolve(), []).append(i)
+    by_image = ImageIndex.from_ids([item.image.resolve() for item in items])
     results: list[dict[str, Any] | None] = [None] * len(items)
-    for indices in by_image.values():
+    for indices in by_image.rows_of():
         first = items[indices[0]]
         try:
             img = load_image(first.image)

@@ -22,19 +22,33 @@ POLY_POWER = 0.9
 STEP_GAMMA = 0.1
 
 
-def build_optimizer(
-    param_groups: list[dict[str, Any]], train_cfg: TrainConfig, device_type: str = "cpu"
+def adamw(
+    param_groups: list[dict[str, Any]],
+    *,
+    lr: float,
+    weight_decay: float,
+    device_type: str = "cpu",
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups` (each with its own lr), with torch's fused kernel."""
+    """AdamW over the non-empty `param_groups` (in their order), with torch's fused kernel."""
     groups = [g for g in param_groups if g.get("params")]
     if not groups:
         raise ValueError("no trainable parameters: every parameter group is empty or frozen")
     # The fused implementation is one kernel per step instead of a loop over tensors: the
-    # same algorithm, about 4x faster on the CPU for the tiny model (torch has it on CPU and
-    # CUDA; other devices keep the loop).
+    # same algorithm (torch has it on CPU and CUDA; other devices keep the loop).
     fused = device_type in ("cpu", "cuda")
     return torch.optim.AdamW(
-        groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=fused
+        groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused
+    )
+
+
+def build_optimizer(
+    param_groups: list[dict[str, Any]], train_cfg: TrainConfig, device_type: str = "cpu"
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups` (each with its own lr) with the recipe's train.* settings."""
+    return adamw(
+        param_groups, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, device_type=device_type
     )
 
 
@@ -95,4 +109,13 @@ def build_scheduler(
     """A LambdaLR following `train.scheduler`; call `.step()` once per optimiser step."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(train_cfg, total_steps, steps_per_epoch)
+    )
+
+
+def warmup_cosine_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR with `warmup_cosine` over exactly `warmup_steps` and `total_steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps)
     )

@@ -111,8 +111,10 @@ class RunDir:
 
     def checkpoint(self) -> Path | None:
         """The checkpoint that eval and predict use: best/, else last/; None if neither."""
+        from vgdistill.models.checkpoint import WEIGHTS
+
         for folder in (self.best, self.last):
-            if folder.is_dir():
+            if (folder / WEIGHTS).is_file():
                 return folder
         return None
 
@@ -122,8 +124,8 @@ class RunDir:
 
     def read_eval(self) -> dict[str, Any] | None:
         """The per-split results of eval.json, or None when there is none."""
-        record = _read_json(self.eval)
-        return None if record is None else record.get("results")
+        results = (_read_json(self.eval) or {}).get("results")
+        return results if isinstance(results, dict) else None
 
     def write_eval(self, record: dict[str, Any]) -> None:
         """Write eval.json: {"results": {split: metrics}, ...context}, atomically."""

@@ -5,8 +5,7 @@ student keeps them in eval mode), and when augmentation is off or only flips, an
 training in one of two fixed forms (`GroundingTransform.fixed`). Their tokens, and the frozen
 teacher's image embeddings, are then the same at every visit: training computes them for every
 (image, flip) up front and each step runs only BERT, the fusion and the head on cached tokens.
-On the demo's two CPU cores this trains 2.5 times the images per second (no image decoding,
-no CNN, no teacher image tower in the step).
+A step then needs no image decoding, no CNN and no teacher image tower.
 
 Under N processes each process encodes every N-th image and the processes exchange their
 shares, so each then holds the whole cache (a step may draw any row) for 1/N of the work.

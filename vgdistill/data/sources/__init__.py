@@ -92,29 +92,27 @@ def _coco_source(name: str, split_by: str) -> Source:
     )
 
 
+def _transvg_source(name: str, folder: str, images: str, images_example: str) -> Source:
+    """A source read only from TransVG split files (<folder>/<folder>_<split>.pth)."""
+    return Source(
+        name=name,
+        expects=f"TransVG split files (--root with {folder}/{folder}_<split>.pth); "
+        f"--images = {images}",
+        options=("root", "images", "splits"),
+        inputs=partial(_transvg_only_inputs, name),
+        rows=partial(_transvg_only_rows, name),
+        example=f"vgdistill prepare {name} --root data/splits --images {images_example} "
+        f"--out data/{name}",
+    )
+
+
 SOURCES: dict[str, Source] = {
     "refcoco": _coco_source("refcoco", "unc|google"),
     "refcoco+": _coco_source("refcoco+", "unc"),
     "refcocog": _coco_source("refcocog", "umd|google"),
-    "referit": Source(
-        name="referit",
-        expects="TransVG split files (--root with referit/referit_<split>.pth); "
-        "--images = ReferItGame images",
-        options=("root", "images", "splits"),
-        inputs=partial(_transvg_only_inputs, "referit"),
-        rows=partial(_transvg_only_rows, "referit"),
-        example="vgdistill prepare referit --root data/splits --images data/referit/images "
-        "--out data/referit",
-    ),
-    "flickr30k": Source(
-        name="flickr30k",
-        expects="TransVG split files (--root with flickr/flickr_<split>.pth); "
-        "--images = flickr30k-images",
-        options=("root", "images", "splits"),
-        inputs=partial(_transvg_only_inputs, "flickr30k"),
-        rows=partial(_transvg_only_rows, "flickr30k"),
-        example="vgdistill prepare flickr30k --root data/splits --images data/flickr30k-images "
-        "--out data/flickr30k",
+    "referit": _transvg_source("referit", "referit", "ReferItGame images", "data/referit/images"),
+    "flickr30k": _transvg_source(
+        "flickr30k", "flickr", "flickr30k-images", "data/flickr30k-images"
     ),
     "hf-refcoco": Source(
         name="hf-refcoco",

@@ -97,15 +97,3 @@ def normalise_split(name: str, what: str) -> str:
 def want_split(split: str, args: SourceArgs) -> bool:
     """True when --splits is unset or names this split."""
     return args.splits is None or split in args.splits
-
-
-def require_dir(path: Path | None, option: str, hint: str) -> Path:
-    """An existing folder given by `option`; VGError with `hint` otherwise."""
-    if path is None:
-        raise VGError(f"{option} is required: {hint}")
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise VGError(f"{option} {path} does not exist: {hint}")
-    if not path.is_dir():
-        raise VGError(f"{option} {path} is not a folder: {hint}")
-    return path

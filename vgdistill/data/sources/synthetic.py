@@ -1,6 +1,6 @@
 """The `shapes` source: a synthetic grounding benchmark generated from a seed, no files needed.
 
-The generator itself lives in `vgdistill/data/shapes.py` (`generate_rows(seed, counts,
+The generator itself is the package `vgdistill/data/shapes/` (`generate_rows(seed, counts,
 image_size)`); this module only turns its rows into RawRows and decides the split sizes.
 """
 
@@ -37,17 +37,18 @@ def shapes_counts(args: SourceArgs) -> dict[str, int]:
     return counts
 
 
-def _module_path() -> Path:
+def _generator_files() -> list[Path]:
+    """The generator package's source files, in a fixed order."""
     spec = importlib.util.find_spec("vgdistill.data.shapes")
     if spec is None or spec.origin is None:
-        raise VGError("the shapes generator (vgdistill/data/shapes.py) is not installed")
-    return Path(spec.origin)
+        raise VGError("the shapes generator (vgdistill/data/shapes/) is not installed")
+    return sorted(Path(spec.origin).parent.glob("*.py"))
 
 
 def shapes_inputs(args: SourceArgs) -> list[Path]:
-    """The generator's own file: editing it must invalidate a cached dataset."""
+    """The generator's own files: editing any of them must invalidate a cached dataset."""
     shapes_counts(args)
-    return [_module_path()]
+    return _generator_files()
 
 
 def shapes_rows(args: SourceArgs) -> Iterator[RawRow]:
