@@ -37,13 +37,9 @@ def _sets(data: Path | str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A tiny prepared shapes dataset (51 train rows, 3 per eval split)."""
-    out = tmp_path_factory.mktemp("shapes") / "data"
-    args = ["prepare", "shapes", "--rows", "60", "--image-size", "64", "--out", str(out)]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return out
+def data(tiny_data):
+    """The session's tiny prepared shapes dataset (51 train rows, 3 per eval split)."""
+    return tiny_data
 
 
 def _fake_eval(run_dir: Path, **acc50: float) -> None:
@@ -168,6 +164,7 @@ def test_failed_variant_is_shown_with_its_log_and_the_rest_summarised(tmp_path):
     assert "failed" in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_ablate_killed_after_first_variant_resumes_without_retraining(tmp_path, data):
     """Kill the whole ablation (parent and child) once the baseline is scored; re-run."""
     out = tmp_path / "abl"

@@ -2,12 +2,14 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from vgdistill.cli.app import app
 from vgdistill.training.rundir import RunDir
 
 runner = CliRunner()
+pytestmark = pytest.mark.slow  # the whole chain: prepare, detector, teacher, train, eval
 
 
 def test_demo_chain_end_to_end_then_reuses(tmp_path):

@@ -163,7 +163,7 @@ def test_bad_inputs_are_one_line_errors(data_dir, tmp_path):
     line = _one_line_error(
         runner.invoke(app, ["detector", recipe, "--set", f"data.path='{data_dir}'", "--steps", "0"])
     )
-    assert "detector.steps must be > 0" in line
+    assert "--steps must be > 0" in line
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("mine")

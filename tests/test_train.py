@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,23 +31,15 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny prepared shapes dataset and a tiny random CLIP teacher folder."""
+def assets(tmp_path_factory, tiny_teacher):
+    """A tiny prepared shapes dataset (uneven val) beside the session's tiny teacher folder."""
     from vgdistill.data.prepare import prepare
     from vgdistill.data.sources.base import SourceArgs
-    from vgdistill.models.teacher import Teacher
 
     root = tmp_path_factory.mktemp("assets")
     counts = {"train": TRAIN_ROWS, "val": VAL_ROWS}
     prepare("shapes", SourceArgs(seed=0, split_rows=counts), root / "data", progress=False)
-    torch.manual_seed(0)
-    cfg = SimpleNamespace(
-        teacher="vgd-tiny-clip",
-        teacher_pretrained="",
-        teacher_trainable=False,
-        teacher_precision="auto",
-    )
-    Teacher.from_config(cfg, load_weights=False).save(root / "teacher")
+    (root / "teacher").symlink_to(tiny_teacher, target_is_directory=True)
     return root
 
 
@@ -261,6 +252,7 @@ def _launch(n: int, commands: list, driver: str = DRIVER) -> subprocess.Complete
     )
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_eval_match_one(assets, tmp_path):
     from vgdistill.evaluation.evaluate import evaluate
     from vgdistill.models.checkpoint import load_checkpoint
@@ -306,6 +298,7 @@ def test_two_processes_train_and_eval_match_one(assets, tmp_path):
     assert json.loads((out / "eval.json").read_text())["results"]["val"]["count"] == VAL_ROWS
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_state(assets, tmp_path):
     out = tmp_path / "sigint"
     sets = sum((["--set", s] for s in overrides(assets, "train.epochs=500")), [])
@@ -443,6 +436,7 @@ torch.save({**held, "boxes": rows.boxes}, f"{out}-{trainer.acc.process_index}.pt
 """
 
 
+@pytest.mark.slow
 def test_two_processes_each_encode_half_and_all_hold_the_whole_cache(assets, tmp_path):
     sets = overrides(assets, *FROZEN_FLIP)
     done = _launch(2, [str(RECIPE), str(tmp_path / "two"), sets], driver=CACHE_DRIVER)

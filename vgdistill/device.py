@@ -29,6 +29,12 @@ def set_cuda_speed_flags(device: torch.device, tf32: bool = True, benchmark: boo
     torch.backends.cudnn.benchmark = benchmark
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock read covers it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_device(device: str | None = None) -> torch.device:
     """'auto'/None -> CUDA when present else CPU; 'cpu', 'cuda', 'cuda:N' checked to exist."""
     name = (device or "auto").strip().lower()

@@ -1,6 +1,6 @@
 """Shared, session-scoped assets of the robustness suite (built once; the suite stays fast).
 
-- `tiny_data`: `vgdistill prepare shapes --rows 60 --image-size 64` (the real command);
+- `tiny_data` (tests/conftest.py): the tiny shapes dataset every suite shares;
 - `tiny_run`: a run folder trained for 2 steps from recipes/tiny.toml, distillation off;
 - `tiny_ckpt`: its last/ checkpoint folder.
 
@@ -16,62 +16,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "tiny.toml"
 HERE = Path(__file__).resolve().parent
 
 
-def tiny_overrides(data: Path, *extra: str) -> list[str]:
-    """--set options for a tiny, distillation-free run on `data`."""
-    return [
-        f'data.path="{data}"',
-        'distill.modality="none"',
-        "train.max_steps=2",
-        "train.batch_size=4",
-        "train.warmup_steps=0",
-        "train.log_every=1",
-        'eval.splits=["val"]',
-        "eval.batch_size=4",
-        "data.num_workers=0",
-        *extra,
-    ]
-
-
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    """A prepared shapes dataset of 60 rows of 64x64 images, made by the CLI."""
-    from vgdistill.cli.app import app
-
-    out = tmp_path_factory.mktemp("robust-data") / "shapes"
-    result = CliRunner().invoke(
-        app,
-        [
-            "prepare",
-            "shapes",
-            "--rows",
-            "60",
-            "--image-size",
-            "64",
-            "--out",
-            str(out),
-            "--no-progress",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    return out
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tiny_data, tmp_path_factory) -> Path:
+def tiny_run(tiny_data, tiny_sets, tmp_path_factory) -> Path:
     """A run folder (best/, last/, state/) trained for 2 steps, distillation off."""
     from vgdistill.recipe import load_recipe
     from vgdistill.training.student import train
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("robust-run") / "run"
-    train(load_recipe(RECIPE, tiny_overrides(tiny_data)), out, show_progress=False)
+    train(load_recipe(RECIPE, tiny_sets(tiny_data)), out, show_progress=False)
     return out
 
 

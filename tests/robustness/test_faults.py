@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from .conftest import RECIPE, ROOT, tiny_overrides
+from .conftest import RECIPE, ROOT
 
 runner = CliRunner()
 SEED = int(os.environ.get("VGD_FAULT_SEED", time.time_ns() % 10_000))
@@ -79,14 +79,15 @@ def _hidden(folder: Path, suffix: str) -> list[Path]:
 # ----------------------------------------------------------------------------- training
 
 
-def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tiny_data, tmp_path):
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tiny_data, tiny_sets, tmp_path):
     """SIGKILL a run (save every step) while it writes a checkpoint; everything stays usable."""
     from vgdistill.models.checkpoint import load_checkpoint
     from vgdistill.recipe import load_recipe
     from vgdistill.training.student import TrainInterrupted, state_dirs, train
 
     rng = random.Random(SEED)
-    sets = tiny_overrides(tiny_data, "train.max_steps=500", "train.save_every=1", "train.keep=2")
+    sets = tiny_sets(tiny_data, "train.max_steps=500", "train.save_every=1", "train.keep=2")
     run = tmp_path / "run"
     argv = ["train", str(RECIPE), "--out", str(run), "--no-progress"]
     for s in sets:
@@ -146,6 +147,7 @@ def _prepare_args(out: Path, rows: int, seed: int) -> list[str]:
             "--out", str(out), "--no-progress"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_kill_during_prepare_leaves_no_accepted_dataset(tiny_data, tiny_ckpt, tmp_path):
     """Two prepares killed mid-write: one into a fresh folder, one replacing a dataset."""
     from vgdistill.data.prepare import load_prepared, read_manifest
@@ -206,6 +208,7 @@ def test_kill_during_prepare_leaves_no_accepted_dataset(tiny_data, tiny_ckpt, tm
         assert len(load_prepared(fresh)["train"]) > 0
 
 
+@pytest.mark.slow
 def test_two_prepares_into_one_out_never_corrupt_it(tmp_path):
     """While one prepare writes --out, a second (same or other args) is refused; the first
     finishes whole, and a later identical run reuses it."""

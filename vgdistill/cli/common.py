@@ -94,3 +94,16 @@ def setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr
     )
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def flag_overrides(section: str, **flags: float | None) -> list[str]:
+    """`--set` values for the flags a user gave (not None), each checked > 0 naming the flag;
+    they come after --set, so the flags win (load_recipe checks the rest)."""
+    overrides = []
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if not value > 0:
+            raise VGError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        overrides.append(f"{section}.{name}={value!r}")
+    return overrides

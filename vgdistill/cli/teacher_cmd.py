@@ -7,7 +7,14 @@ from typing import Annotated
 
 import typer
 
-from vgdistill.cli.common import SetOption, console, err_console, friendly, out_option
+from vgdistill.cli.common import (
+    SetOption,
+    console,
+    err_console,
+    flag_overrides,
+    friendly,
+    out_option,
+)
 
 
 @friendly
@@ -65,9 +72,7 @@ def command(
     from vgdistill.report.tables import retrieval_table
     from vgdistill.training.teacher import default_out, fit_teacher
 
-    flags = {"epochs": epochs, "batch_size": batch_size, "lr": lr}
-    # The flags win over the recipe and --set; load_recipe range-checks them.
-    overrides = [f"teacher.{k}={v!r}" for k, v in flags.items() if v is not None]
+    overrides = flag_overrides("teacher", epochs=epochs, batch_size=batch_size, lr=lr)
     rec = load_recipe(recipe, [*(set_ or []), *overrides])
     target = out if out is not None else default_out(rec, recipe)
     report = fit_teacher(rec, target, init=init, force=force, console=err_console)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vgdistill.device import make_accelerator, set_cuda_speed_flags
+from vgdistill.device import make_accelerator, set_cuda_speed_flags, synchronize
 from vgdistill.errors import VGError
 from vgdistill.models.boxes import cxcywh_to_xyxy, paired_box_iou
 
@@ -68,11 +68,6 @@ def shuffle_phrases(hf_split: Any, seed: int) -> Any:
     return hf_split.remove_columns(["expression"]).add_column("expression", shuffled)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def evaluate_loader(
     model: torch.nn.Module,
@@ -86,7 +81,7 @@ def evaluate_loader(
     model.eval()
     device = accelerator.device
     indices, ious = [], []
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     try:
         for batch in loader:
@@ -104,7 +99,7 @@ def evaluate_loader(
             index, iou = accelerator.gather_for_metrics((batch["index"], iou))
             indices.append(index.cpu())
             ious.append(iou.float().cpu())
-        _sync(device)
+        synchronize(device)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start

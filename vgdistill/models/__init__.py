@@ -1,1 +1,2 @@
-"""Models: backbones, DETR encoder, BERT branch, fusion, teacher and distillation."""
+"""Models: backbones, visual and text branches, fusion layers, EpmVG, the CLIP teacher,
+checkpoints and the TransVG import."""

@@ -5,11 +5,11 @@ fusion width, concatenated after a learned [REG] token as `[REG], text, visual`,
 through the fusion transformer with a learned position embedding and both padding masks.
 The [REG] output goes through a 3-layer MLP and a sigmoid: a normalised (cx, cy, w, h) box.
 
-Distillation (DESIGN.md section 1): one student feature per modality is taken at
-`distill.position` -- `fusion` (fusion output at the first text / first visual token),
-`linear` (outputs of text_proj / visu_proj) or `backbone` (branch outputs before those
-projections) -- pooled (`first` token or masked `mean`), and mapped by its own Linear to the
-teacher's embedding size. The teacher itself is not part of this module.
+Distillation: one student feature per modality is taken at `distill.position` -- `fusion`
+(fusion output at the first text / first visual token), `linear` (outputs of text_proj /
+visu_proj) or `backbone` (branch outputs before those projections) -- pooled (`first` token or
+masked `mean`), and mapped by its own Linear to the teacher's embedding size. The teacher and
+the loss are not part of this module (vgdistill.models.teacher, vgdistill.losses).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@ overrides and validation (`load`)."""
 
 from vgdistill.recipe.load import (
     apply_overrides,
+    changed_keys,
     deep_merge,
+    flat_keys,
     from_dict,
     load_recipe,
     parse_override,
@@ -38,7 +40,9 @@ __all__ = [
     "TeacherConfig",
     "TrainConfig",
     "apply_overrides",
+    "changed_keys",
     "deep_merge",
+    "flat_keys",
     "from_dict",
     "load_recipe",
     "parse_override",

@@ -250,3 +250,21 @@ def to_toml(recipe: Recipe) -> str:
     import tomli_w
 
     return tomli_w.dumps(recipe.to_dict())
+
+
+def flat_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {"section.key": value}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_keys(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def changed_keys(old: Recipe, new: Recipe) -> list[str]:
+    """The dotted keys whose values differ between two recipes, sorted."""
+    a, b = flat_keys(old.to_dict()), flat_keys(new.to_dict())
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

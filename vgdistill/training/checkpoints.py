@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from vgdistill.errors import VGError
-from vgdistill.recipe import Recipe, load_recipe
+from vgdistill.recipe import Recipe, changed_keys, load_recipe
 from vgdistill.training.loop import Position
 from vgdistill.training.rundir import RunDir, discard
 
@@ -76,22 +76,9 @@ def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
     return RunDir(out_dir).read_summary()
 
 
-def flat_keys(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested dict as {"section.key": value}."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat_keys(v, f"{key}."))
-        else:
-            out[key] = v
-    return out
-
-
 def recipe_changes(old: Recipe, new: Recipe) -> list[str]:
     """Recipe keys that differ between `old` and `new` and would change the weights."""
-    a, b = flat_keys(old.to_dict()), flat_keys(new.to_dict())
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS)
+    return [k for k in changed_keys(old, new) if k not in RESUMABLE_KEYS]
 
 
 def check_folder(run: RunDir, recipe: Recipe, resume: bool) -> None:

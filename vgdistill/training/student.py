@@ -28,14 +28,13 @@ from torch import nn
 from vgdistill.atomic import exclusive, write_text
 from vgdistill.errors import VGError
 from vgdistill.losses.distillation import DistillationTask
-from vgdistill.recipe import Recipe, to_toml
+from vgdistill.recipe import Recipe, flat_keys, to_toml
 from vgdistill.training.checkpoints import (
     Checkpoints,
     RecipeMismatch,
     RunState,
     TrainInterrupted,
     check_folder,
-    flat_keys,
     read_summary,
     state_dirs,
 )
@@ -338,28 +337,14 @@ class Trainer:
         return summary
 
 
-def train(
-    recipe: Recipe,
-    out_dir: str | Path,
-    *,
-    resume: bool = False,
-    stop_at_step: int | None = None,
-    show_progress: bool = True,
-    command_hint: str | None = None,
-) -> dict[str, Any]:
+def train(recipe: Recipe, out_dir: str | Path, **options: Any) -> dict[str, Any]:
     """Train `recipe` into run folder `out_dir` (resuming it with resume=True); the summary.
 
-    `stop_at_step` behaves like a Ctrl-C arriving at that step (save a resumable state, raise
-    TrainInterrupted): tests and time-boxed callers use it. Every process must call this.
+    `options` are `Trainer`'s: resume, stop_at_step (behaves like a Ctrl-C arriving at that
+    step: save a resumable state, raise TrainInterrupted), show_progress, command_hint. Every
+    process must call this.
     """
-    return Trainer(
-        recipe,
-        out_dir,
-        resume=resume,
-        stop_at_step=stop_at_step,
-        show_progress=show_progress,
-        command_hint=command_hint,
-    ).run()
+    return Trainer(recipe, out_dir, **options).run()
 
 
 __all__ = [

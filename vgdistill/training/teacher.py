@@ -162,21 +162,27 @@ def fit_teacher(
                 complete=True,
                 teacher=source.describe(),
                 settings=key,
-                data={
-                    "path": recipe.data.path,
-                    "train_split": recipe.data.train_split,
-                    "val_split": recipe.data.val_split,
-                    "train_rows": len(splits["train"].table.phrases),
-                    "train_images": len(splits["train"].table.first_row),
-                    "val_rows": len(splits["val"].table.phrases),
-                    "val_images": len(splits["val"].table.first_row),
-                },
+                data=_data_report(recipe, splits),
                 device=str(device),
                 time_s=round(time.perf_counter() - t0, 2),
             )
             write_local_dir(teacher.clip, source.model_cfg, tmp)
             write_text(tmp / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     return {**report, "reused": False}
+
+
+def _data_report(recipe: Recipe, splits: dict[str, SplitPairs]) -> dict[str, Any]:
+    """What teacher.json says about the data the teacher was fitted on."""
+    d = recipe.data
+    return {
+        "path": d.path,
+        "train_split": d.train_split,
+        "val_split": d.val_split,
+        "train_rows": len(splits["train"].table.phrases),
+        "train_images": len(splits["train"].table.first_row),
+        "val_rows": len(splits["val"].table.phrases),
+        "val_images": len(splits["val"].table.first_row),
+    }
 
 
 def _train(

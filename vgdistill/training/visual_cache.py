@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vgdistill.data.images import load_row_image
+from vgdistill.data.images import ImageIndex, load_row_image
 from vgdistill.data.loader import encode_phrase, sample_seed
 from vgdistill.data.transforms import FLIP_PROB, GroundingTransform, swap_left_right
 
@@ -182,47 +181,84 @@ def build_cached_rows(
     distillation). The student's visual branch runs in eval mode, as it does when frozen. Each
     of the `acc` processes encodes its share of the images; all end with the whole cache.
     """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     started = time.perf_counter()
     transform = GroundingTransform(
         recipe.data.image_size, recipe.data.augment, recipe.data.augment_ops
     )
     flips = transform.fixed_flips()
     assert flips is not None, "cache_blocker refuses random augmentation"
-    data = dataset.data
-    image_ids = data["image_id"]
-    first_row: dict[str, int] = {}
-    rows_of: dict[str, list[int]] = defaultdict(list)
-    for row, image_id in enumerate(image_ids):
-        first_row.setdefault(image_id, row)
-        rows_of[image_id].append(row)
-    order = list(first_row)
-    side = student.feature_side
+    index = ImageIndex.from_ids(dataset.data["image_id"])
+    n_images, n_tokens, dim = len(index), student.feature_side**2, student.visual.dim
     embed = teacher.embed_dim if teacher is not None else 0
-    need = estimate_bytes(len(order), len(flips), side * side, student.visual.dim, embed)
+    need = estimate_bytes(n_images, len(flips), n_tokens, dim, embed)
     if need > recipe.train.visual_cache_gb * GB:
         log.info(
             "visual tokens not cached: %d images would take %.1f GB > train.visual_cache_gb = %g",
-            len(order),
+            n_images,
             need / GB,
             recipe.train.visual_cache_gb,
         )
         return None
 
-    image_of_row = torch.empty(len(image_ids), dtype=torch.int64)
-    for n, image_id in enumerate(order):
-        image_of_row[rows_of[image_id]] = n
-    mine = order[acc.process_index :: acc.num_processes]
+    mine = range(acc.process_index, n_images, acc.num_processes)
+    chunk = recipe.eval.batch_size
+    was_training = student.training
+    student.eval()
+    parts, own_sizes = _encode_share(
+        student, teacher, dataset.data, index, mine, transform, chunk, acc.device, show_progress
+    )
+    student.train(was_training)
+
+    def whole(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        # A process with no image of its own still takes part in every exchange.
+        own = torch.cat(parts[name]) if parts[name] else torch.empty((0, *shape), dtype=dtype)
+        return _exchange(acc, own, n_images, chunk)
+
+    cache = VisualCache(
+        tokens=whole("tokens", (len(flips), n_tokens, dim), torch.float32),
+        pad=whole("pad", (len(flips), n_tokens), torch.bool),
+        teacher=None if teacher is None else whole("teacher", (len(flips), embed), torch.float32),
+    )
+    image_of_row = torch.tensor(index.image_of_row, dtype=torch.int64)
+    sizes = _exchange(acc, own_sizes, n_images, chunk)[image_of_row].numpy().astype(np.float64)
+    boxes, phrases, input_ids, masks = _row_tensors(dataset, transform, sizes)
+    log.info(
+        "cached the frozen visual branch for %d images x %d flips (%.0f MB) in %.0f s%s",
+        n_images,
+        len(flips),
+        need / 1024**2,
+        time.perf_counter() - started,
+        f"; {len(mine)} of the images encoded by process {acc.process_index}"
+        if acc.num_processes > 1
+        else "",
+    )
+    return CachedRows(cache, image_of_row, boxes, input_ids, masks, phrases, recipe.train.seed)
+
+
+def _encode_share(
+    student: Any,
+    teacher: Any | None,
+    data: Any,
+    index: ImageIndex,
+    mine: range,
+    transform: GroundingTransform,
+    chunk: int,
+    device: torch.device,
+    show_progress: bool,
+) -> tuple[dict[str, list[Tensor]], Tensor]:
+    """This process's images `mine`, each in every fixed form, through the frozen branch:
+    ({"tokens", "pad", "teacher"}: lists of [n, flips, ...] chunks, sizes [len(mine), 2])."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    flips = transform.fixed_flips() or ()
     own_sizes = torch.empty((len(mine), 2), dtype=torch.int64)  # (width, height)
     parts: dict[str, list[Tensor]] = {"tokens": [], "pad": [], "teacher": []}
     pending: tuple[list[Tensor], list[Tensor]] = ([], [])
-    chunk = recipe.eval.batch_size
 
     def flush() -> None:
         if pending[0]:
-            tokens, pad, emb = _encode(student, teacher, *pending, acc.device)
+            tokens, pad, emb = _encode(student, teacher, *pending, device)
             parts["tokens"].append(tokens.view(-1, len(flips), *tokens.shape[1:]))
             parts["pad"].append(pad.view(-1, len(flips), pad.shape[1]))
             if emb is not None:
@@ -230,8 +266,6 @@ def build_cached_rows(
             pending[0].clear()
             pending[1].clear()
 
-    was_training = student.training
-    student.eval()
     with Progress(
         TextColumn("caching the frozen visual branch"),
         BarColumn(),
@@ -241,9 +275,10 @@ def build_cached_rows(
         disable=not show_progress,
     ) as progress:
         task = progress.add_task("cache", total=len(mine))
-        for n, image_id in enumerate(mine):
-            row = data[first_row[image_id]]
-            img = load_row_image(row, f"{row.get('source', 'dataset')} image {image_id}")
+        for n, k in enumerate(mine):
+            row = data[index.first_row[k]]
+            name = f"{row.get('source', 'dataset')} image {row['image_id']}"
+            img = load_row_image(row, name)
             own_sizes[n] = torch.tensor((img.width, img.height))
             for flipped in flips:
                 out = transform.fixed(img, [0.0, 0.0, img.width, img.height], "", flipped)
@@ -253,21 +288,16 @@ def build_cached_rows(
                 flush()
             progress.advance(task)
         flush()
-    student.train(was_training)
+    return parts, own_sizes
 
-    def whole(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        # A process with no image of its own still takes part in every exchange.
-        own = torch.cat(parts[name]) if parts[name] else torch.empty((0, *shape), dtype=dtype)
-        return _exchange(acc, own, len(order), chunk)
 
-    n_tokens, dim = side * side, student.visual.dim
-    cache = VisualCache(
-        tokens=whole("tokens", (len(flips), n_tokens, dim), torch.float32),
-        pad=whole("pad", (len(flips), n_tokens), torch.bool),
-        teacher=None if teacher is None else whole("teacher", (len(flips), embed), torch.float32),
-    )
-    sizes = _exchange(acc, own_sizes, len(order), chunk)[image_of_row].numpy().astype(np.float64)
-
+def _row_tensors(
+    dataset: GroundingDataset, transform: GroundingTransform, sizes: np.ndarray
+) -> tuple[Tensor, list[tuple[str, ...]], Tensor, Tensor]:
+    """Per row and fixed form: the box in the padded frame, the phrase (words swapped under a
+    flip) and its tokens: (boxes [rows, flips, 4], phrases, input_ids, attention masks)."""
+    flips = transform.fixed_flips() or ()
+    data = dataset.data
     bboxes = np.asarray(data["bbox"], dtype=np.float64)
     boxes = torch.stack(
         [torch.from_numpy(transform.fixed_boxes(sizes, bboxes, f)) for f in flips], dim=1
@@ -279,14 +309,4 @@ def build_cached_rows(
     }
     input_ids = torch.tensor([[encoded[p][0] for p in ps] for ps in phrases], dtype=torch.int64)
     masks = torch.tensor([[encoded[p][1] for p in ps] for ps in phrases], dtype=torch.int64)
-    log.info(
-        "cached the frozen visual branch for %d images x %d flips (%.0f MB) in %.0f s%s",
-        len(order),
-        len(flips),
-        need / 1024**2,
-        time.perf_counter() - started,
-        f"; {len(mine)} of the images encoded by process {acc.process_index}"
-        if acc.num_processes > 1
-        else "",
-    )
-    return CachedRows(cache, image_of_row, boxes, input_ids, masks, phrases, recipe.train.seed)
+    return boxes, phrases, input_ids, masks

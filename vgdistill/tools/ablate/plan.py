@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vgdistill.errors import VGError
-from vgdistill.recipe import DistillConfig, Recipe, load_recipe
+from vgdistill.recipe import DistillConfig, Recipe, changed_keys, load_recipe
 from vgdistill.training.rundir import RunDir
 
 LOG_FILE = "ablate.log"
@@ -232,16 +232,8 @@ def idle_changes(variant: Variant, base: Recipe) -> list[str]:
 
 def recipe_drift(run_dir: Path, recipe_path: Path, overrides: list[str]) -> list[str]:
     """Keys where a finished run's recipe.toml differs from what this ablation would train."""
-
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
     try:
-        old = flat(load_recipe(RunDir(run_dir).recipe).to_dict())
+        old = load_recipe(RunDir(run_dir).recipe)
     except VGError:
         return []  # no readable recipe (e.g. results copied in by hand): nothing to compare
-    new = flat(load_recipe(recipe_path, overrides).to_dict())
-    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return changed_keys(old, load_recipe(recipe_path, overrides))

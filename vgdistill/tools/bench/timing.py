@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vgdistill.device import synchronize
 from vgdistill.recipe import Recipe
 from vgdistill.tools.bench.fastpath import FastPath
 from vgdistill.tools.bench.synthetic import quiet, synthetic_prepared_split, to_device
@@ -25,12 +26,6 @@ from vgdistill.tools.bench.synthetic import quiet, synthetic_prepared_split, to_
 if TYPE_CHECKING:
     from vgdistill.tools.bench import BenchOptions
     from vgdistill.tools.bench.rig import Rig
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so a clock read covers it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def device_name(device: torch.device) -> str:
@@ -97,11 +92,11 @@ class PeakMemory:
 
 def timed(fn: Callable[[], None], steps: int, device: torch.device) -> float:
     """Seconds that `steps` calls of `fn` take, device work included."""
-    sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    sync(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -132,12 +127,12 @@ def loader_rates(loader: Any, device: torch.device, skip: int, chunk: int, repea
         batch = next(it)
     rates = []
     for _ in range(repeats):
-        sync(device)
+        synchronize(device)
         start, images = time.perf_counter(), 0
         for _ in range(chunk):
             batch = to_device(next(it), device)
             images += int(batch["input_ids"].shape[0])
-        sync(device)
+        synchronize(device)
         rates.append(images / (time.perf_counter() - start))
     del it
     return rates
