@@ -43,6 +43,12 @@ def out_option(help: str) -> Any:
     return typer.Option("--out", "-o", help=help)
 
 
+def lr_option(section: str) -> Any:
+    """The `--lr` option of a fitting stage (detector, teacher), overriding SECTION.lr."""
+    help = f"Peak AdamW learning rate, warm-up then cosine (overrides {section}.lr)."
+    return typer.Option(help=help)
+
+
 class State:
     """Global options set by the app callback."""
 

@@ -13,6 +13,7 @@ from vgdistill.cli.common import (
     err_console,
     flag_overrides,
     friendly,
+    lr_option,
     out_option,
 )
 
@@ -37,10 +38,7 @@ def command(
     batch_size: Annotated[
         int | None, typer.Option(help="Images per batch (overrides detector.batch_size).")
     ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(help="Peak AdamW learning rate, warm-up then cosine (overrides detector.lr)."),
-    ] = None,
+    lr: Annotated[float | None, lr_option("detector")] = None,
     force: Annotated[
         bool, typer.Option(help="Retrain even if --out holds a finished detector.")
     ] = False,

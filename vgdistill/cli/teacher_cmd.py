@@ -13,6 +13,7 @@ from vgdistill.cli.common import (
     err_console,
     flag_overrides,
     friendly,
+    lr_option,
     out_option,
 )
 
@@ -39,10 +40,7 @@ def command(
             help="Pairs per contrastive batch, one phrase per image (overrides teacher.batch_size)."
         ),
     ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(help="Peak AdamW learning rate, warm-up then cosine (overrides teacher.lr)."),
-    ] = None,
+    lr: Annotated[float | None, lr_option("teacher")] = None,
     init: Annotated[
         str | None,
         typer.Option(

@@ -41,7 +41,6 @@ if TYPE_CHECKING:  # torch stays out of `vgdistill --help`
 
 WEIGHTS_FILE = "detr.safetensors"
 REPORT_FILE = "detector.json"
-METRICS_FILE = "metrics.jsonl"
 FORMAT_VERSION = 1
 EVAL_EVERY = 100  # steps between validation lines in metrics.jsonl
 
@@ -217,7 +216,7 @@ def _train(
     from vgdistill.evaluation.detection import evaluate_detector
     from vgdistill.losses.detection import detection_loss, valid_cells
     from vgdistill.training.loop import Callbacks, FitLoop, nonfinite_error
-    from vgdistill.training.metrics import MetricsLog
+    from vgdistill.training.metrics import METRICS_FILE, MetricsLog
     from vgdistill.training.optim import adamw, warmup_cosine_scheduler
 
     train_loader, val_loader = _loaders(data, settings.batch_size, recipe)

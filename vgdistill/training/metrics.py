@@ -16,6 +16,9 @@ from typing import Any
 
 from vgdistill.atomic import write_text
 
+# The metrics log of every folder a stage trains into: a run folder, a detector, a teacher.
+METRICS_FILE = "metrics.jsonl"
+
 
 def _clean(value: Any) -> Any:
     """JSON has no NaN/inf: write them as strings so the file stays valid JSON."""

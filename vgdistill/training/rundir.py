@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vgdistill.atomic import write_text
+from vgdistill.training.metrics import METRICS_FILE
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -39,7 +40,7 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         """The metrics log (JSON lines)."""
-        return self.root / "metrics.jsonl"
+        return self.root / METRICS_FILE
 
     @property
     def curves(self) -> Path:

@@ -46,7 +46,6 @@ if TYPE_CHECKING:  # torch stays out of `vgdistill --help`
     from vgdistill.recipe import Recipe, TeacherConfig
 
 REPORT_FILE = "teacher.json"
-METRICS_FILE = "metrics.jsonl"
 FORMAT_VERSION = 1
 
 
@@ -198,7 +197,7 @@ def _train(
 ) -> dict[str, Any]:
     """The contrastive loop; appends one metrics.jsonl line per epoch into `folder`."""
     from vgdistill.training.loop import Callbacks, FitLoop, nonfinite_error
-    from vgdistill.training.metrics import MetricsLog
+    from vgdistill.training.metrics import METRICS_FILE, MetricsLog
     from vgdistill.training.optim import adamw, warmup_cosine_scheduler
 
     model = teacher.clip
