@@ -84,7 +84,8 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tiny_data, tiny_
     """SIGKILL a run (save every step) while it writes a checkpoint; everything stays usable."""
     from vgdistill.models.checkpoint import load_checkpoint
     from vgdistill.recipe import load_recipe
-    from vgdistill.training.student import TrainInterrupted, state_dirs, train
+    from vgdistill.training.rundir import RunDir
+    from vgdistill.training.student import TrainInterrupted, train
 
     rng = random.Random(SEED)
     sets = tiny_sets(tiny_data, "train.max_steps=500", "train.save_every=1", "train.keep=2")
@@ -96,11 +97,11 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tiny_data, tiny_
     try:
         # Let a few checkpoints complete, then kill the moment the next write has begun.
         skip = rng.randint(1, 4)
-        ready = _wait_for(lambda: len(state_dirs(run)) >= 1 and (run / "last").is_dir(), proc, 240)
+        ready = _wait_for(lambda: bool(RunDir(run).states()) and (run / "last").is_dir(), proc, 240)
         assert ready, (tmp_path / "train.log").read_text()[-3000:]
         for _ in range(skip):
-            seen = {p.name for p in state_dirs(run)}
-            _wait_for(lambda s=seen: {p.name for p in state_dirs(run)} != s, proc, 60)
+            seen = {p.name for p in RunDir(run).states()}
+            _wait_for(lambda s=seen: {p.name for p in RunDir(run).states()} != s, proc, 60)
         writing = _wait_for(
             lambda: bool(_hidden(run / "state", ".partial") or _hidden(run, ".partial")),
             proc,
@@ -119,7 +120,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tiny_data, tiny_
     load_checkpoint(run)  # the run folder resolves to best/ or last/ and loads too
 
     # Every state/step-N that exists is complete; half-written ones are dot-folders.
-    states = state_dirs(run)
+    states = RunDir(run).states()
     assert states, "no resumable state survived"
     names = [{f.name for f in s.iterdir()} for s in states]
     for folder, files in zip(states, names, strict=True):
@@ -136,7 +137,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tiny_data, tiny_
     with pytest.raises(TrainInterrupted):
         train(load_recipe(RECIPE, sets), run, resume=True, stop_at_step=newest + 1,
               show_progress=False)  # fmt: skip
-    assert int(state_dirs(run)[-1].name.split("-")[1]) == newest + 1
+    assert int(RunDir(run).states()[-1].name.split("-")[1]) == newest + 1
 
 
 # ----------------------------------------------------------------------------- prepare

@@ -66,16 +66,6 @@ class RunState(Position):
             setattr(self, key, value)
 
 
-def state_dirs(out_dir: str | Path) -> list[Path]:
-    """Complete resumable states of a run, oldest first (partial saves are dot-folders)."""
-    return RunDir(out_dir).states()
-
-
-def read_summary(out_dir: str | Path) -> dict[str, Any] | None:
-    """The run's summary (written when training finished), or None."""
-    return RunDir(out_dir).read_summary()
-
-
 def recipe_changes(old: Recipe, new: Recipe) -> list[str]:
     """Recipe keys that differ between `old` and `new` and would change the weights."""
     return [k for k in changed_keys(old, new) if k not in RESUMABLE_KEYS]

@@ -60,12 +60,12 @@ def _clip(
     torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
-def nonfinite_error(stage: str, lr_option: str = "--lr") -> Callable[[int], Exception]:
+def nonfinite_error(stage: str) -> Callable[[int], Exception]:
     """The error a stage raises when its loss first is NaN/inf at a step: lower the lr."""
 
     def error(step: int) -> Exception:
         return NonFiniteLossError(
-            f"{stage} loss became NaN or infinite at step {step}; lower {lr_option}"
+            f"{stage} loss became NaN or infinite at step {step}; lower --lr"
         )
 
     return error

@@ -35,11 +35,9 @@ from vgdistill.training.checkpoints import (
     RunState,
     TrainInterrupted,
     check_folder,
-    read_summary,
-    state_dirs,
 )
 from vgdistill.training.loop import FitLoop, stop_signals
-from vgdistill.training.metrics import MetricsLog, read_metrics
+from vgdistill.training.metrics import MetricsLog
 from vgdistill.training.rundir import RunDir
 from vgdistill.training.student_data import cached_rows, prewarm_text_cache, seeded_loader
 from vgdistill.training.student_hooks import StudentHooks
@@ -352,8 +350,5 @@ __all__ = [
     "RunState",
     "TrainInterrupted",
     "Trainer",
-    "read_metrics",
-    "read_summary",
-    "state_dirs",
     "train",
 ]

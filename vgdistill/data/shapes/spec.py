@@ -34,10 +34,11 @@ LESSON_OBJECTS = 2  # objects in a train "lesson" image
 LESSON_SHARE = 0.25  # share of train images that are lessons
 # The "relational" train mix. A relation takes three attention hops to resolve (read the
 # phrase, find the reference, pick the match closest to it), so this train split holds more
-# relational phrases than val (65 % against 50 %), and mostly "nearest" ones (80 % of them first
-# try that kind), the kind a student learns last. And a nearest phrase whose target is also its
-# group's match nearest the image centre is dropped with TRAIN_DECENTRE probability: otherwise
-# "pick the most central match" answers many of them, and a student settles for that.
+# relational phrases than val (TRAIN_RELATION_SHARE), and mostly "nearest" ones
+# (TRAIN_NEAREST_FIRST try that kind first), the kind a student learns last. And a nearest
+# phrase whose target is also its group's match nearest the image centre is dropped with
+# TRAIN_DECENTRE probability: otherwise "pick the most central match" answers many of them,
+# and a student settles for that.
 TRAIN_MIXES = ("natural", "relational")
 TRAIN_RELATION_SHARE = 0.65
 TRAIN_NEAREST_FIRST = 0.8
