@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# On machines that carry these wheels locally the resolver must see them first;
 	# elsewhere this line falls back to the normal wheels for the platform.
@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/vgdistill demo $(DEMO_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check vgdistill tests
+	$(BIN)/ruff check vgdistill tests setup.py
 
 test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest

@@ -53,7 +53,8 @@ def _fake_eval(run_dir: Path, **acc50: float) -> None:
     "option, value, valid",
     [
         ("--loss", "cosine,huber", "cosine, l1, mse"),
-        ("--distill-pos", "fusion,head", "fusion, linear, backbone"),
+        ("--distill-pos", "fusion,head", "fusion, linear, backbone, cnn"),
+        ("--teacher-view", "padded,crop", "padded, image"),
         ("--modality", "all", "both, image, text, none"),
         ("--teacher", "frozen,unfrozen", "frozen, trainable"),
         ("--alpha", "0.5,abc", "not a number"),
@@ -216,3 +217,148 @@ def test_ablate_killed_after_first_variant_resumes_without_retraining(tmp_path, 
     assert len(headers) == 2 and " train " in headers[0] and " eval " in headers[1]  # ran once
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["variant"] for r in rows] == ["baseline", "loss-l1"]
+
+
+def _distill_sets(data: Path, teacher: Path) -> list[str]:
+    """A 2-step distilling run of the tiny recipe whose images get padding (random resize)."""
+    items = [
+        f"data.path={json.dumps(str(data))}",
+        f"distill.teacher={json.dumps(str(teacher))}",
+        "data.augment=true",
+        'data.augment_ops=["resize"]',
+        "train.max_steps=2",
+        "train.batch_size=8",
+        "train.warmup_steps=0",
+        "train.log_every=1",
+        "eval.batch_size=16",
+        'eval.splits=["val","testA"]',
+    ]
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def test_dry_run_lists_distill_positions_and_teacher_views(tmp_path, data, tiny_teacher):
+    out = tmp_path / "abl"
+    args = [
+        "ablate",
+        str(RECIPE),
+        "--distill-pos",
+        "fusion,linear,backbone,cnn",
+        "--teacher-view",
+        "padded,image",
+        "--dry-run",
+        *_distill_sets(data, tiny_teacher),
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    names = ["baseline", "position-linear", "position-backbone", "position-cnn", "view-image"]
+    for name in names:
+        assert name in result.stdout
+    assert 'distill.position="cnn"' in result.stdout
+    assert 'distill.teacher_view="image"' in result.stdout
+    assert "position-fusion" not in result.stdout and "view-padded" not in result.stdout
+    assert "warning" not in result.stderr and not out.exists()
+    # The grid crosses them: 4 positions x 2 views.
+    base = load_recipe(RECIPE, ["distill.modality=both"])
+    factors = {
+        "position": FACTORS["position"].parse("fusion,linear,backbone,cnn"),
+        "view": FACTORS["view"].parse("padded,image"),
+    }
+    grid = plan(base, factors, grid=True, seeds=1, out=tmp_path)
+    assert len(grid) == 8 and "position-cnn_view-image" in [v.name for v in grid]
+    # The teacher's view is idle when no image embedding is distilled.
+    text = load_recipe(RECIPE, ["distill.modality=text"])
+    (_, image_view) = plan(text, {"view": ["image"]}, grid=False, seeds=1, out=tmp_path)
+    assert idle_changes(image_view, text) == ["distill.teacher_view"]
+
+
+@pytest.mark.slow
+def test_cnn_position_and_image_view_variants_train(tmp_path, data, tiny_teacher):
+    """One short run of each new variant: trained (image distillation on) and scored."""
+    out = tmp_path / "abl"
+    _fake_eval(out / "baseline", val=0.5, testA=0.5)
+    args = ["ablate", str(RECIPE), "--distill-pos", "cnn", "--teacher-view", "image"]
+    result = runner.invoke(
+        app, [*args, *_distill_sets(data, tiny_teacher), "--out", str(out)], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [v["name"] for v in summary["variants"]] == ["baseline", "position-cnn", "view-image"]
+    assert all(v["status"] == "ok" for v in summary["variants"])
+    for name, line in (("position-cnn", 'position = "cnn"'), ("view-image", 'view = "image"')):
+        run = RunDir(out / name)
+        assert line in run.recipe.read_text()
+        steps = [json.loads(x) for x in run.metrics.read_text().splitlines()]
+        losses = [s["loss_distill_img"] for s in steps if "loss_distill_img" in s]
+        assert losses and all(0 < v < 2 for v in losses), (name, steps)
+
+
+def _recording_launcher(tmp_path: Path) -> tuple[Path, Path]:
+    """A launcher that records its arguments (one JSON line per start), then runs what follows
+    its own options (`-m vgdistill ...`) with this Python, as a one-process launcher would."""
+    record = tmp_path / "launches.jsonl"
+    script = tmp_path / "record-launch"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import json, subprocess, sys\n"
+        f"with open({str(record)!r}, 'a') as fh:\n"
+        "    fh.write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "args = sys.argv[sys.argv.index('-m'):]\n"
+        "sys.exit(subprocess.call([sys.executable, *args]))\n"
+    )
+    script.chmod(0o755)
+    return script, record
+
+
+@pytest.mark.slow
+def test_launch_runs_each_child_under_the_launcher_and_shard_takes_its_share(tmp_path, data):
+    out = tmp_path / "abl"
+    _fake_eval(out / "baseline", val=0.5, testA=0.25)  # shard 1/2's run, finished elsewhere
+    script, record = _recording_launcher(tmp_path)
+    args = ["ablate", str(RECIPE), "--loss", "cosine,l1", *_sets(data), "--out", str(out)]
+    launch = f"{script} --num_processes 1"
+    result = runner.invoke(app, [*args, "--launch", launch, "--shard", "2/2"])
+    assert result.exit_code == 0, result.output
+    assert "[1/1] loss-l1: training" in result.stdout and "baseline:" not in result.stdout
+
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [c[:5] for c in calls] == [
+        ["--num_processes", "1", "-m", "vgdistill", "train"],
+        ["--num_processes", "1", "-m", "vgdistill", "eval"],
+    ]
+    assert calls[0][5:8] == [str(RECIPE), "--out", str(out / "loss-l1")]
+    assert "distill.loss=\"l1\"" in calls[0] and calls[1][5] == str(out / "loss-l1")
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["launch"], summary["shard"]) == ([str(script), "--num_processes", "1"], "2/2")
+    assert [v["status"] for v in summary["variants"]] == ["ok", "ok"]  # both shards' runs
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--launch", "no-such-launcher-h1 --num_processes 2"], "no-such-launcher-h1 is not a"),
+        (["--launch", "accelerate launch 'unclosed"], "No closing quotation"),
+        (["--shard", "3/2"], "I must be between 1 and N"),
+        (["--shard", "two"], "--shard takes I/N"),
+    ],
+)
+def test_bad_launch_or_shard_is_one_line_before_any_run(tmp_path, extra, message):
+    out = tmp_path / "abl"
+    result = runner.invoke(app, ["ablate", str(RECIPE), "--loss", "l1", "--out", str(out), *extra])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0]
+    assert not out.exists()
+
+
+def test_shards_split_the_runs_in_plan_order(tmp_path):
+    from vgdistill.tools.ablate.runner import shard_runs
+
+    base = load_recipe(RECIPE)
+    variants = plan(base, {"loss": ["l1", "mse"]}, grid=False, seeds=2, out=tmp_path)
+    every = [run.dir.name for _, run in shard_runs(variants, None)]
+    assert len(every) == 6
+    shares = [[run.dir.name for _, run in shard_runs(variants, (i, 4))] for i in (1, 2, 3, 4)]
+    assert shares == [every[0::4], every[1::4], every[2::4], every[3::4]]
+    assert sorted(sum(shares, [])) == sorted(every)

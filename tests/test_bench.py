@@ -162,3 +162,42 @@ def test_bench_without_teacher_and_without_plain_path(tmp_path):
     assert r["train"]["fast"]["images_per_s"] > 0 and r["eval"]["fast"]["images_per_s"] > 0
     assert "speedup" not in r and "teacher_cache" not in r and "data" not in r
     assert r["flops"]["teacher_image_per_image"] == 0
+
+
+def test_bench_data_measures_a_prepared_datasets_loader_and_eval(tmp_path, tiny_data):
+    """--data PATH: loader per core uint8 vs float-in-the-loader on the same draws, and eval
+    with the shared visual pass vs per row on the same rows (same Acc@0.5)."""
+    out = tmp_path / "bench.json"
+    args = [
+        "bench", TINY, "--data", str(tiny_data), "--set", "distill.modality=none",
+        "--set", "data.augment=true", "--set", "data.val_split=train",  # ~2 rows per image
+        "--device", "cpu", "--batch-size", "4",
+        "--steps", "2", "--warmup", "1", "--repeats", "2", "--eval-rows", "12",
+        "--json", str(out),
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "loader per core" in result.output and "shared visual pass" in result.output
+    d = json.loads(out.read_text())["dataset"]
+    lo = d["loader"]
+    for path in ("uint8", "float_in_worker"):
+        assert lo[path]["images_per_s"] > 0 and len(lo[path]["repeats"]) == 2
+        assert lo[path]["augmentation"]["samples"] == 2 * 2 * 4
+    assert lo["speedup"] > 0 and lo["same_augmentation"] and lo["same_pixels"]
+    assert lo["augment_ops"] and lo["workers"] == 1
+    ev = d["eval"]
+    assert ev["rows"] >= 12
+    for path in ("shared", "per_row"):
+        assert ev[path]["expressions_per_s"] > 0 and ev[path]["images_per_s"] > 0
+        assert ev[path]["images"] < ev["rows"]  # shapes images hold several expressions
+    assert ev["same_acc50"] and ev["miou_difference"] < 1e-4 and ev["speedup"] > 0
+    assert "train" not in json.loads(out.read_text())  # the dataset mode times no steps
+
+
+def test_bench_data_refuses_no_data_and_a_missing_split(tmp_path, tiny_data):
+    both = runner.invoke(app, ["bench", TINY, "--data", str(tiny_data), "--no-data"])
+    assert both.exit_code == 2 and "--no-data" in both.output
+    args = ["bench", TINY, "--data", str(tiny_data), "--set", "data.val_split=nope"]
+    missing = runner.invoke(app, args)
+    assert missing.exit_code == 2 and "no split 'nope'" in missing.output
+    assert "Traceback" not in missing.output

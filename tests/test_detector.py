@@ -81,7 +81,7 @@ def test_cached_images_give_the_same_targets(data_dir):
     assert cached.cache is not None and len(cached.cache[0]) == len(decoded)
     for k in (0, len(decoded) - 1):
         want, got = decoded[k], cached[k]
-        assert torch.equal(got[0], want[0].half().float())  # the image is kept as float16
+        assert got[0].dtype == torch.uint8 and torch.equal(got[0], want[0])  # kept as pixels
         assert all(torch.equal(a, b) for a, b in zip(got[1:], want[1:], strict=True))
 
 
@@ -93,7 +93,7 @@ def test_images_over_the_cache_limit_are_decoded_per_item(data_dir, monkeypatch)
     images = DetectionImages(split, categories, image_size=64, grid=8, stride=8)
     monkeypatch.setattr(decoded, "CACHE_LIMIT_BYTES", len(images) * 3 * 64 * 64 * 2 - 1)
     images.load_cache(num_workers=0)
-    assert images.cache is None and images[0][0].dtype == torch.float32
+    assert images.cache is None and images[0][0].dtype == torch.uint8
 
 
 def test_detector_learns_to_find_objects(fitted):

@@ -76,7 +76,7 @@ class _Fixed:
     def __init__(self, img, txt):
         self.img, self.txt = img, txt
 
-    def encode(self, image, phrases, *, want_image=True, want_text=True):
+    def encode(self, image, phrases, *, image_mask=None, want_image=True, want_text=True):
         return self.img, self.txt
 
 

@@ -41,6 +41,7 @@ from vgdistill.models.factory import build_model  # noqa: E402
 from vgdistill.recipe import from_dict  # noqa: E402
 
 S, L, B = 64, 12, 3
+ROOT_RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "tiny.toml")
 
 
 def tiny_recipe(model=None, distill=None, train=None):
@@ -251,6 +252,19 @@ def _grads(model):
                 "reg_token": False,
             },
         ),
+        # At `cnn` the DETR encoder and its 1x1 input projection are past the distilled map.
+        (
+            "cnn",
+            {
+                "fusion": False,
+                "visu_proj": False,
+                "text_proj": False,
+                "vl_pos_embed": False,
+                "reg_token": False,
+                "visual.encoder": False,
+                "visual.input_proj": False,
+            },
+        ),
     ],
 )
 def test_distill_position_routes_gradient(position, expect):
@@ -266,7 +280,108 @@ def test_distill_position_routes_gradient(position, expect):
     # Distillation never trains the box head; it always reaches both branches.
     assert not got["bbox_embed"]
     for part in ("visual.backbone", "visual.encoder", "text", "distill_img", "distill_txt"):
-        assert got[part], (position, part)
+        if part not in expect:
+            assert got[part], (position, part)
+
+
+@pytest.mark.parametrize("pool", ["first", "mean"])
+def test_cnn_position_distils_the_cnn_map_and_bert_embeddings(pool):
+    """cnn: the image feature is the backbone map before input_proj, the text feature BERT's
+    embedding output; both pooled as distill.pool says, padding left out of the mean."""
+    torch.manual_seed(3)
+    m = build_model(
+        tiny_recipe(distill={"position": "cnn", "pool": pool}), load_weights=False
+    ).eval()
+    assert m.distill_img.in_features == m.visual.backbone.num_channels == 128
+    assert m.distill_txt.in_features == m.text.num_channels
+    batch = make_batch()
+    out = run(m, batch)
+    with torch.no_grad():
+        fmap = m.visual.backbone(batch["image"])  # [B,128,8,8]; columns 4..7 are padding
+        emb = m.text.bert.embeddings(input_ids=batch["input_ids"])  # [B,L,C]
+    if pool == "first":
+        img, txt = fmap[:, :, 0, 0], emb[:, 0]
+    else:
+        img = fmap[:, :, :, :4].mean((2, 3))
+        txt = emb[:, :7].mean(1)  # 7 real tokens
+    assert torch.allclose(out.student_img, m.distill_img(img), atol=1e-5)
+    assert torch.allclose(out.student_txt, m.distill_txt(txt), atol=1e-5)
+    # Nothing past the embeddings reaches the text feature: BERT's layers get no gradient.
+    m.train()
+    l_img, l_txt = distillation_losses(run(m, batch), torch.randn(B, 64), torch.randn(B, 64), "l1")
+    (l_img + l_txt).backward()
+    bert = m.text.bert
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in bert.embeddings.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in bert.encoder.parameters())
+
+
+def test_cnn_position_with_cached_tokens_refuses_image_distillation(model):
+    from vgdistill.losses.distillation import DistillationTask
+    from vgdistill.recipe import load_recipe
+    from vgdistill.training.visual_cache import cache_blocker
+
+    r = tiny_recipe(distill={"position": "cnn"})
+    m = build_model(r, load_weights=False).eval()
+    batch = make_batch()
+    tokens, pad, _ = m.visual(batch["image"], batch["image_mask"])
+    cached = {**batch, "visual_tokens": tokens, "visual_pad": pad, "phrases": ["a"] * B}
+    del cached["image"], cached["image_mask"]
+    out = m(None, None, batch["input_ids"], batch["attention_mask"], visual=(tokens, pad))
+    assert out.student_img is None and out.student_txt is not None  # boxes still predicted
+    task = DistillationTask(m, r.distill)
+    with pytest.raises(ValueError, match="distill.position = cnn needs pixels"):
+        task(dict(cached, teacher_image=torch.randn(B, 64)))
+    # So training with a frozen branch never caches tokens for it.
+    frozen = ["train.lr_backbone=0", "train.lr_encoder=0"]
+    assert cache_blocker(load_recipe(ROOT_RECIPE, frozen)) is None
+    blocked = cache_blocker(load_recipe(ROOT_RECIPE, [*frozen, 'distill.position="cnn"']))
+    assert "distill.position = cnn" in blocked
+    text_only = [*frozen, 'distill.position="cnn"', 'distill.modality="text"']
+    assert cache_blocker(load_recipe(ROOT_RECIPE, text_only)) is None
+
+
+def _pixels(seed=0, b=B):
+    """uint8 images with the right half padding (0), as the uint8 transforms hand them over."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (b, 3, S, S), generator=g, dtype=torch.uint8)
+    mask = torch.zeros(b, S, S, dtype=torch.bool)
+    mask[:, :, 32:] = True
+    return image.masked_fill(mask[:, None], 0), mask
+
+
+def test_normalize_pixels_is_the_float_transform_bit_for_bit():
+    from vgdistill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from vgdistill.models.visual import normalize_pixels
+
+    pixels, mask = _pixels()
+    # Today's float path written out: per-sample (x / 255 - mean) / std, padding left at 0.
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    want = torch.zeros(B, 3, S, S)
+    for i in range(B):
+        want[i, :, :, :32] = (pixels[i, :, :, :32].float() / 255.0 - mean) / std
+    got = normalize_pixels(pixels, mask)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(normalize_pixels(pixels[0], mask[0]), want[0])  # one image [3,S,S]
+    # Every 8-bit level, not just the ones a random draw hits.
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    full = (levels.float() / 255.0 - mean) / std
+    assert torch.equal(normalize_pixels(levels, torch.zeros(1, 16, 16, dtype=torch.bool)), full)
+    # Floats are already normalised: returned as they are.
+    assert normalize_pixels(want, mask) is want
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_pixels(pixels.long(), mask)
+
+
+def test_uint8_pixels_give_the_same_outputs_as_normalised_floats(model):
+    from vgdistill.models.visual import normalize_pixels
+
+    pixels, mask = _pixels(1)
+    batch = dict(make_batch(), image=pixels, image_mask=mask)
+    floats = dict(batch, image=normalize_pixels(pixels, mask))
+    a, b = run(model, batch), run(model, floats)
+    for name in ("pred_boxes", "student_img", "student_txt"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
 def test_box_loss_does_not_train_projections(model):
@@ -354,7 +469,8 @@ def test_checkpoint_into_other_architecture_fails(tmp_path, model):
     with pytest.raises(VGError, match=r"shape mismatch visual\.encoder\.layers\.0\.linear1"):
         load_model_weights(wider, tmp_path / "ck")
     (tmp_path / "ck" / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(VGError, match="corrupt"):
+    # Caught by the recorded SHA-256 ("damaged") where the checkpoint has one, else "corrupt".
+    with pytest.raises(VGError, match="corrupt|damaged"):
         load_checkpoint(tmp_path / "ck")
     with pytest.raises(VGError, match="not a checkpoint"):
         load_checkpoint(tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -102,3 +103,122 @@ def test_bf16_teacher_close_to_fp32():
     assert next(t16.clip.parameters()).dtype == torch.bfloat16 and b_img.dtype == torch.float32
     assert F.cosine_similarity(a_img, b_img).min() > 0.99
     assert F.cosine_similarity(a_txt, b_txt).min() > 0.99
+
+
+def normalize(image, mask):
+    """The float path's input: ImageNet-normalised, padding 0."""
+    from vgdistill.models.visual import normalize_pixels
+
+    return normalize_pixels(image, mask)
+
+
+def _letterboxed(top, left, size=96, region=(40, 90), b=1):
+    """uint8 images [b,3,size,size] holding one smooth region at (top, left), padding 0 around
+    it, and their masks (True on padding); smooth so PIL's and torch's bicubic agree closely."""
+    g = torch.Generator().manual_seed(0)
+    small = torch.randint(0, 256, (b, 3, 8, 12), generator=g).float()
+    pixels = F.interpolate(small, size=region, mode="bilinear", align_corners=False)
+    pixels = pixels.round().clamp(0, 255).to(torch.uint8)
+    image = torch.zeros(b, 3, size, size, dtype=torch.uint8)
+    mask = torch.ones(b, size, size, dtype=torch.bool)
+    image[:, :, top : top + region[0], left : left + region[1]] = pixels
+    mask[:, top : top + region[0], left : left + region[1]] = False
+    return image, mask, pixels
+
+
+def test_uint8_pixels_with_their_mask_are_the_float_path_bit_for_bit():
+    torch.manual_seed(0)
+    teacher = Teacher.from_config(distill_cfg())
+    image, mask, _ = _letterboxed(30, 3, b=2)
+    floats = normalize(image, mask)
+    assert torch.equal(teacher.image_input(image, mask), teacher.image_input(floats))
+    a, _ = teacher.encode(image, None, image_mask=mask, want_text=False)
+    b, _ = teacher.encode(floats, None, want_text=False)
+    assert torch.equal(a, b)
+    # Without the mask, uint8 padding would read as black instead of the float path's 0.
+    with pytest.raises(ValueError, match="image_mask"):
+        teacher.encode(image, None, want_text=False)
+
+
+@pytest.mark.parametrize("mode", ["shortest", "squash", "longest"])
+def test_image_view_is_the_teachers_own_preprocessing_of_the_image_region(mode):
+    """teacher_view = image: open_clip's eval transform (its resize_mode) applied to the image
+    alone, wherever the transform placed it in the padded square."""
+    import open_clip
+    from PIL import Image
+
+    teacher = Teacher.from_config(distill_cfg(teacher_view="image"))
+    assert teacher.view == "image" and teacher.input_size == (64, 64)
+    teacher.resize_mode = mode  # open_clip's preprocess_cfg chooses it per model
+    pp = teacher.clip.visual.preprocess_cfg
+    reference = open_clip.image_transform(
+        pp["size"],
+        is_train=False,
+        mean=pp["mean"],
+        std=pp["std"],
+        resize_mode=mode,
+        interpolation=pp["interpolation"],
+    )
+    image, mask, pixels = _letterboxed(10, 3)
+    got = teacher.image_input(image, mask)[0]
+    want = reference(Image.fromarray(pixels[0].permute(1, 2, 0).numpy()))
+    # PIL resizes in 8 bits: within two grey levels of the teacher's normalisation.
+    level = 1 / 255 / min(pp["std"])
+    assert got.shape == want.shape == (3, 64, 64)
+    assert (got - want).abs().max() < 2 * level and (got - want).abs().mean() < 0.5 * level
+    elsewhere = teacher.image_input(*_letterboxed(50, 0)[:2])[0]
+    assert torch.equal(elsewhere, got)
+    with pytest.raises(ValueError, match="image_mask"):
+        teacher.image_input(normalize(image, mask))
+
+
+def test_padded_and_image_views_differ_only_where_there_is_padding():
+    torch.manual_seed(0)
+    padded = Teacher.from_config(distill_cfg())
+    image_view = Teacher.from_config(distill_cfg(teacher_view="image"))
+    image_view.load_state_dict(padded.state_dict())
+    boxed, mask, _ = _letterboxed(10, 3)
+    assert not torch.allclose(padded.image_input(boxed, mask), image_view.image_input(boxed, mask))
+    # A square image filling the whole frame: both views see the same pixels.
+    full = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
+    none = torch.zeros(2, 96, 96, dtype=torch.bool)
+    assert torch.equal(padded.image_input(full, none), image_view.image_input(full, none))
+    with pytest.raises(ValueError, match="every pixel"):
+        image_view.image_input(full, torch.ones(2, 96, 96, dtype=torch.bool))
+
+
+def test_distillation_step_on_uint8_batch_equals_the_float_batch():
+    """The training step's losses (student + teacher image target) from uint8 pixels and
+    their mask are those of the ImageNet-normalised batch, in both teacher views."""
+    from vgdistill.losses.distillation import DistillationTask
+    from vgdistill.models.factory import build_model
+
+    image, mask, _ = _letterboxed(12, 0, size=64, region=(40, 64), b=2)
+    ids = torch.tensor([[101, 2417, 3608, 102, 0], [101, 2158, 102, 0, 0]])
+    batch = {
+        "image": image,
+        "image_mask": mask,
+        "input_ids": ids,
+        "attention_mask": (ids > 0).long(),
+        "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.6, 0.1, 0.3]]),
+        "phrases": ["red ball", "the man"],
+    }
+    for view in ("padded", "image"):
+        torch.manual_seed(0)
+        recipe = from_dict(
+            {
+                "model": {"preset": "tiny"},
+                "data": {"image_size": 64, "max_query_len": 5},
+                "distill": {
+                    "teacher": "vgd-tiny-clip",
+                    "teacher_pretrained": "",
+                    "teacher_view": view,
+                },
+            }
+        )
+        task = DistillationTask(build_model(recipe, load_weights=False).eval(), recipe.distill)
+        teacher = Teacher.from_config(recipe.distill)
+        loss_u8, parts_u8 = task(batch, teacher)
+        loss_f, parts_f = task(dict(batch, image=normalize(image, mask)), teacher)
+        assert torch.equal(loss_u8, loss_f), view
+        assert parts_u8["loss_distill_img"] > 0

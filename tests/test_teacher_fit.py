@@ -66,55 +66,20 @@ def _scene(rng: random.Random, size: int = 32):
 
 
 def make_dataset(folder: Path, counts: dict[str, int], seed: int = 0) -> None:
-    """A prepared-dataset folder with the contract's columns (DatasetDict + prepare.json)."""
-    import datasets
-    from datasets import Features, Image, Sequence, Value
+    """A prepared-dataset folder of generated scenes, written by `prepare`."""
+    from vgdistill.data.prepare import prepare
+    from vgdistill.data.sources import RawRow, Source, SourceArgs
 
-    features = Features(
-        {
-            "image": Image(),
-            "expression": Value("string"),
-            "bbox": Sequence(Value("float32"), length=4),
-            "image_id": Value("string"),
-            "ref_id": Value("string"),
-            "split": Value("string"),
-            "source": Value("string"),
-            "width": Value("int32"),
-            "height": Value("int32"),
-        }
-    )
     rng = random.Random(seed)
-    splits = {}
+    rows = []
     for split, n_images in counts.items():
-        rows = []
         for i in range(n_images):
             png, phrases = _scene(rng)
             for j, (text, box) in enumerate(phrases):
-                rows.append(
-                    {
-                        "image": {"bytes": png, "path": None},
-                        "expression": text,
-                        "bbox": [float(v) for v in box],
-                        "image_id": f"{split}-{i}",
-                        "ref_id": f"{split}-{i}-{j}",
-                        "split": split,
-                        "source": "test-squares",
-                        "width": 32,
-                        "height": 32,
-                    }
-                )
-        splits[split] = datasets.Dataset.from_list(rows, features=features)
-    datasets.DatasetDict(splits).save_to_disk(str(folder))
-    counts_json = {s: {"read": len(d), "kept": len(d), "dropped": {}} for s, d in splits.items()}
-    manifest = {
-        "format_version": 1,
-        "vgdistill_version": "test",
-        "source": "test-squares",
-        "args": {},
-        "counts": counts_json,
-        "fingerprint": f"test-{seed}",
-    }
-    (folder / "prepare.json").write_text(json.dumps(manifest))
+                box = tuple(float(v) for v in box)
+                rows.append(RawRow(png, text, box, f"{split}-{i}", f"{split}-{i}-{j}", split))
+    source = Source("test-squares", "generated", (), lambda args: [], lambda args: iter(rows))
+    prepare(source, SourceArgs(), folder, force=True, progress=False)
 
 
 def write_recipe(folder: Path, data: Path, teacher: str, arch: str = ARCH) -> Path:
@@ -428,9 +393,9 @@ def test_architecture_and_output_folder_come_from_the_recipe(tmp_path):
 def test_flip_only_augmentation_decodes_each_image_once_with_both_flips(data_dir, tmp_path):
     import torch
 
-    from vgdistill.data.images import load_row_image
     from vgdistill.data.pairs import load_split_pairs
     from vgdistill.data.transforms import GroundingTransform
+    from vgdistill.models.visual import normalize_pixels
     from vgdistill.recipe import load_recipe
 
     path = write_recipe(tmp_path, data_dir, str(tmp_path / "t"))
@@ -438,9 +403,11 @@ def test_flip_only_augmentation_decodes_each_image_once_with_both_flips(data_dir
     frames = load_split_pairs(recipe, "val", augment=True).frames
     assert frames.cache is not None and frames.cache.shape == (40, 2, 3, 32, 32)
     row = frames.ds[0]
-    img = load_row_image(row, "val row 0")
+    img = frames.images.load_row(row, "val row 0")
     transform = GroundingTransform(32, augment=False)
-    forms = [transform.fixed(img, [0, 0, 32, 32], "", f).image for f in (False, True)]
+    fixed = [transform.fixed(img, [0, 0, 32, 32], "", f) for f in (False, True)]
+    # Frames hand the teacher ImageNet-normalised floats, whatever dtype the transform gives.
+    forms = [normalize_pixels(out.image, out.mask) for out in fixed]
     frames.table.phrases[0] = "the left square"
     torch.manual_seed(0)
     seen = set()

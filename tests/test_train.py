@@ -298,22 +298,11 @@ def test_two_processes_train_and_eval_match_one(assets, tmp_path):
     assert json.loads((out / "eval.json").read_text())["results"]["val"]["count"] == VAL_ROWS
 
 
-@pytest.mark.slow
-def test_ctrl_c_saves_a_resumable_state(assets, tmp_path):
-    out = tmp_path / "sigint"
-    sets = sum((["--set", s] for s in overrides(assets, "train.epochs=500")), [])
+def _train_until_running(assets, out: Path, epochs: int, *flags: str) -> subprocess.Popen:
+    """Start `vgdistill train` in a subprocess and return once it has logged two metrics."""
+    sets = sum((["--set", s] for s in overrides(assets, f"train.epochs={epochs}")), [])
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vgdistill",
-            "train",
-            str(RECIPE),
-            "--out",
-            str(out),
-            "--no-progress",
-            *sets,
-        ],
+        [sys.executable, "-m", "vgdistill", "train", str(RECIPE), "--out", str(out), *flags, *sets],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -326,6 +315,13 @@ def test_ctrl_c_saves_a_resumable_state(assets, tmp_path):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_resumable_state(assets, tmp_path):
+    out = tmp_path / "sigint"
+    proc = _train_until_running(assets, out, 500, "--no-progress")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
@@ -333,6 +329,30 @@ def test_ctrl_c_saves_a_resumable_state(assets, tmp_path):
     step = re.search(r"interrupted at step (\d+)", err)
     assert step, err[-2000:]
     assert (out / "state" / f"step-{step.group(1)}" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_sighup_saves_and_the_resumed_run_is_bit_identical(assets, tmp_path):
+    """A closed terminal (SIGHUP) stops like SIGTERM; the job's stderr, a pipe, holds plain
+    progress lines."""
+    from vgdistill.training.student import train
+
+    out = tmp_path / "hup"
+    proc = _train_until_running(assets, out, 8)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    step = int(re.search(r"interrupted at step (\d+)", err).group(1))
+    assert 2 <= step < 24 and (out / "state" / f"step-{step}").is_dir()
+    lines = re.findall(r"^step (\d+)/24 epoch \S+ loss .* img/s ETA \S+$", err, re.M)
+    assert [int(n) for n in lines] == list(range(1, step + 1)), err[-2000:]
+
+    r = recipe(assets, "train.epochs=8")
+    assert train(r, out, resume=True, show_progress=False)["step"] == 24
+    train(r, tmp_path / "whole", show_progress=False)
+    whole = load_file(tmp_path / "whole" / "last" / "model.safetensors")
+    resumed = load_file(out / "last" / "model.safetensors")
+    assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
 
 
 FROZEN_FLIP = (
@@ -353,9 +373,7 @@ def _built(r, out: Path):
 
 
 def test_frozen_visual_branch_trains_from_cached_tokens(assets, tmp_path):
-    import datasets
-
-    from vgdistill.data.images import load_image
+    from vgdistill.data.image_table import ImageTable
     from vgdistill.data.loader import collate, encode_phrase
     from vgdistill.data.transforms import GroundingTransform
     from vgdistill.training.visual_cache import CachedRows
@@ -369,12 +387,13 @@ def test_frozen_visual_branch_trains_from_cached_tokens(assets, tmp_path):
 
     # A cached batch gives the loss that the same rows, flipped the same way, give from pixels.
     idx = list(range(8))
-    split = trainer.data["train"].cast_column("image", datasets.Image(decode=False))
+    split = trainer.data["train"]
+    images = ImageTable.of(split)
     transform = GroundingTransform(64, augment=False)
     samples = []
     for i in idx:
         row = split[i]
-        img = load_image(row["image"]["bytes"])
+        img = images.load_row(row, f"train row {i}")
         out = transform.fixed(img, row["bbox"], row["expression"], flips[i])
         ids, mask = encode_phrase(trainer.tokenizer, out.phrase, 12)
         samples.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -67,13 +68,68 @@ def multiprocess_cpu() -> bool:
     return world > 1 and not torch.cuda.is_available() and not xpu
 
 
+# What `accelerate launch` sets for its processes (from --mixed_precision or `accelerate config`).
+LAUNCH_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+def accelerate_config_file() -> Path:
+    """Where `accelerate config` saves its default configuration (Accelerate's own rule)."""
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    home = os.environ.get("HF_HOME", os.path.join(cache, "huggingface"))
+    return Path(home).expanduser() / "accelerate" / "default_config.yaml"
+
+
+def _configured_precision() -> tuple[str, str] | None:
+    """(precision, where it was set) from `accelerate launch` or `accelerate config`, if any."""
+    launched = os.environ.get(LAUNCH_PRECISION_ENV, "").strip().lower()
+    if launched in PRECISIONS:
+        return launched, "accelerate launch"
+    path = accelerate_config_file()
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # an unreadable config is Accelerate's to report; ours falls back
+    value = str(config.get("mixed_precision", "")).lower() if isinstance(config, dict) else ""
+    return (value, f"accelerate config {path}") if value in PRECISIONS else None
+
+
+def resolve_precision(value: str, cuda: bool | None = None) -> tuple[str, str]:
+    """(precision, why) for a recipe's train.mixed_precision on this machine.
+
+    'auto' takes what `accelerate launch` (its --mixed_precision or config) or the saved
+    `accelerate config` asks for; with neither, bf16 on a GPU that has it and fp32 ('no')
+    elsewhere. An explicit value wins, and `why` says so when Accelerate asked for another.
+    fp16 needs a GPU: elsewhere it becomes 'no'.
+    """
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    configured = _configured_precision()
+    if value == "auto":
+        if configured is not None:
+            chosen, why = configured[0], f"auto: {configured[1]}"
+        elif cuda and torch.cuda.is_bf16_supported():
+            chosen, why = "bf16", "auto: a GPU with bf16"
+        else:
+            chosen, why = "no", "auto: no bf16 GPU"
+    else:
+        chosen, why = value, "train.mixed_precision"
+        if configured is not None and configured[0] != value:
+            why += f", over {configured[0]!r} from {configured[1]}"
+    if chosen == "fp16" and not cuda:
+        chosen, why = "no", f"{why}; fp16 needs a GPU"
+    return chosen, why
+
+
 def make_accelerator(mixed_precision: str = "no", **kwargs: Any) -> Accelerator:
-    """An Accelerator for this machine; fp16 (GPU only) falls back to fp32 on the CPU."""
+    """An Accelerator for this machine at `resolve_precision(mixed_precision)`."""
     from accelerate import Accelerator
 
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
-        mixed_precision = "no"
-    return Accelerator(mixed_precision=mixed_precision, cpu=multiprocess_cpu(), **kwargs)
+    chosen, _ = resolve_precision(mixed_precision)
+    return Accelerator(mixed_precision=chosen, cpu=multiprocess_cpu(), **kwargs)
 
 
 @contextlib.contextmanager

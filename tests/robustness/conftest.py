@@ -42,10 +42,10 @@ def tiny_ckpt(tiny_run) -> Path:
 
 @pytest.fixture(scope="session")
 def predictor(tiny_ckpt):
-    """The tiny checkpoint loaded once through the Predictor API, on the CPU."""
-    from vgdistill.tools.predict import Predictor
+    """The tiny checkpoint loaded once through the Grounder API, on the CPU."""
+    from vgdistill import Grounder
 
-    return Predictor(tiny_ckpt, "cpu")
+    return Grounder.from_pretrained(tiny_ckpt, "cpu")
 
 
 @pytest.fixture(autouse=True)

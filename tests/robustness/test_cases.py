@@ -69,8 +69,8 @@ class Case:
 
 
 def predict(env: Env, image: str, *phrases: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """`vgdistill predict CKPT IMAGE PHRASE... --json`."""
-    return ["predict", str(env.ckpt), image, *phrases, "--json", "--device", "cpu", *extra]
+    """`vgdistill predict CKPT IMAGE PHRASE... --json -`."""
+    return ["predict", str(env.ckpt), image, *phrases, "--json", "-", "--device", "cpu", *extra]
 
 
 def box_inside(width: int, height: int, n: int = 1) -> Callable[[Env, object], None]:
@@ -240,6 +240,50 @@ def truncation_warned(env: Env, result) -> None:
     )
 
 
+def a_file(env: Env) -> str:
+    """A user's file in the case folder, to be given as an output folder."""
+    path = env.tmp / "notes.txt"
+    path.write_text("precious")
+    return str(path)
+
+
+def file_intact(env: Env, result) -> None:  # noqa: ARG001
+    """Check: the user's file given as --out is untouched."""
+    assert (env.tmp / "notes.txt").read_text() == "precious"
+
+
+def flip_byte(path: Path) -> None:
+    """Flip one byte in the middle of a safetensors file's tensor data (past its header)."""
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header + (len(data) - header) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def newest_state(run: Path) -> Path:
+    """The newest resumable state of a run folder."""
+    from vgdistill.training.rundir import RunDir
+
+    return RunDir(run).states()[-1]
+
+
+def flip_state_byte(run: Path) -> None:
+    """Damage the newest state's weights, and make the run unfinished so --resume loads it."""
+    flip_byte(newest_state(run) / "model.safetensors")
+    (run / "train_summary.json").unlink()
+
+
+def resume_damaged(env: Env, damage: Callable[[Path], None], *sets: str) -> list[str]:
+    """`train --resume` of a damaged copy of the shared run, with its own recipe + `sets`."""
+    run = env.tmp / "run"
+    shutil.copytree(env.run, run)
+    recipe = env.tmp / "r.toml"
+    shutil.copy(newest_state(run) / "recipe.toml", recipe)
+    damage(run)
+    argv = ["train", str(recipe), "--out", str(run), "--resume", "--no-progress"]
+    return argv + [a for s in sets for a in ("--set", s)]
+
+
 TINY_CLIP = 'teacher = "vgd-tiny-clip"\nteacher_pretrained = ""\n'
 LONG = " ".join(["the", "big", "red", "square", "left", "of", "a", "small", "blue", "circle"] * 100)
 
@@ -308,9 +352,27 @@ CASES: list[Case] = [
     Case("phrase-non-ascii", "accents, CJK", code=0,
          argv=lambda e: predict(e, e.file("i.png", F.rgb_png), "l'éléphant à gauche 左边的猫"),
          then=box_inside(48, 32)),
-    Case("phrase-emoji", "emoji only, and emoji in words", code=0,
-         argv=lambda e: predict(e, e.file("i.png", F.rgb_png), "🐈‍⬛🔴", "the 🔴 circle"),
+    Case("phrase-emoji", "emoji in words", code=0,
+         argv=lambda e: predict(e, e.file("i.png", F.rgb_png), "the 🐈‍⬛ cat", "the 🔴 circle"),
          then=box_inside(48, 32, n=2)),
+    Case("phrase-emoji-only", "emoji only (no letter or digit)",
+         lambda e: predict(e, e.file("i.png", F.rgb_png), "🐈‍⬛🔴"),
+         says=r"phrase is empty \(no letters or digits\)"),
+    Case("phrase-nul-only", "NUL characters only",
+         lambda e: predict(e, e.file("i.png", F.rgb_png), "a box", "\x00\x00 \x00"),
+         says=r"phrase 2 is empty \(no letters or digits\)"),
+    Case("phrase-zero-width-only", "zero-width space, joiner and BOM only",
+         lambda e: predict(e, e.file("i.png", F.rgb_png), "\u200b\u200d\ufeff"),
+         says=r"phrase is empty \(no letters or digits\)"),
+    Case("phrase-lone-surrogate", "a lone surrogate (undecodable argv bytes)",
+         lambda e: predict(e, e.file("i.png", F.rgb_png), "a \udcff box"),
+         says=r"phrase holds the invalid code point U\+DCFF"),
+    Case("batch-lone-surrogate", "--batch line whose phrase holds a lone surrogate", code=0,
+         argv=lambda e: ["predict", str(e.ckpt), "--batch", _batch(e, [
+             {"image": e.file("i.png", F.rgb_png), "phrase": "a \ud800 box"},
+             {"image": str(e.tmp / "i.png"), "phrase": "a box"}]),
+             "--out", str(e.tmp / "res.jsonl")],
+         says=r"1 line\(s\) skipped", then=lambda e, r: _first_line_skipped(e)),
     Case("phrase-control-chars", "NUL, BEL, ESC sequences", code=0,
          argv=lambda e: predict(e, e.file("i.png", F.rgb_png), "the\x00 red\x07 \x1b[31mbox\x7f"),
          then=box_inside(48, 32)),
@@ -564,7 +626,7 @@ CASES: list[Case] = [
     Case("detector-missing-weights", "train with model.detr_checkpoint that does not exist",
          lambda e: ["train", tiny_recipe(e), "--out", str(e.tmp / "run"), "--no-progress",
                     "--set", f'model.detr_checkpoint="{e.tmp / "detr.safetensors"}"'],
-         says=r"not found; write one with `vgdistill detector"),
+         says=r"not found.*write one with `vgdistill detector"),
     # --- ablate -------------------------------------------------------------------------
     Case("ablate-missing-recipe", "ablate a recipe that does not exist",
          lambda e: ["ablate", str(e.tmp / "nope.toml"), "--out", str(e.tmp / "abl")],
@@ -572,8 +634,61 @@ CASES: list[Case] = [
     Case("ablate-bad-value", "ablate --loss l3",
          lambda e: ["ablate", str(RECIPE), "--loss", "l3", "--out", str(e.tmp / "abl")],
          says=r"l3.*cosine"),
+    # --- outputs that cannot be written (read-only mounts: tests/robustness/test_fs_faults.py)
+    Case("out-file-train", "train --out an existing file",
+         lambda e: ["train", tiny_recipe(e), "--out", a_file(e), "--no-progress"],
+         says=r"--out .*notes\.txt exists and is not a folder", then=file_intact),
+    Case("out-file-prepare", "prepare --out an existing file",
+         lambda e: ["prepare", "shapes", "--rows", "8", "--out", a_file(e), "--no-progress"],
+         says=r"notes\.txt (exists and is not a folder|is a file; give a folder)",
+         then=file_intact),
+    Case("out-file-detector", "detector --out an existing file",
+         lambda e: ["detector", tiny_recipe(e), "--out", a_file(e)],
+         says=r"notes\.txt exists and is not a folder", then=file_intact),
+    Case("out-file-teacher", "teacher --out an existing file",
+         lambda e: ["teacher", tiny_recipe(e, distill=TINY_CLIP), "--out", a_file(e),
+                    "--epochs", "1"],
+         says=r"notes\.txt exists and is not a folder", then=file_intact),
+    Case("out-file-import", "import transvg --out an existing file",
+         lambda e: ["import", "transvg", e.file("cls.pth", F.other_model_pth), "--out",
+                    a_file(e)],
+         says=r"notes\.txt exists and is not a folder", then=file_intact),
+    Case("out-file-ablate", "ablate --out an existing file",
+         lambda e: ["ablate", tiny_recipe(e), "--seeds", "1", "--out", a_file(e)],
+         says=r"notes\.txt exists and is not a folder", then=file_intact),
+    Case("out-below-a-file", "train --out a path below an existing file",
+         lambda e: ["train", tiny_recipe(e), "--out", a_file(e) + "/run", "--no-progress"],
+         says=r"notes\.txt is a file, not a folder", then=file_intact),
+    Case("out-json-is-a-folder", "eval --json naming a folder",
+         lambda e: ["eval", str(e.ckpt), "--json", str(e.tmp)], says=r"--json .* is a folder"),
+    Case("out-predict-is-a-folder", "predict --out naming a folder",
+         lambda e: predict(e, e.file("i.png", F.rgb_png), "a box", extra=("--out", str(e.tmp))),
+         says=r"--out .* is a folder"),
+    # --- silent corruption and the resume check
+    Case("ckpt-flipped-byte-eval", "one byte flipped inside best/'s tensor data",
+         lambda e: ["eval", damaged_ckpt(e, lambda d: flip_byte(d / "model.safetensors")),
+                    "--data", str(e.data)],
+         says=r"model\.safetensors is damaged: its SHA-256"),
+    Case("ckpt-flipped-byte-predict", "predict with a flipped byte in the tensor data",
+         lambda e: predict(e, e.file("i.png", F.rgb_png), "a box")[:1]
+         + [damaged_ckpt(e, lambda d: flip_byte(d / "model.safetensors"))]
+         + predict(e, str(e.tmp / "i.png"), "a box")[2:],
+         says=r"model\.safetensors is damaged: its SHA-256"),
+    Case("state-flipped-byte", "--resume from a state with a flipped byte",
+         lambda e: resume_damaged(e, flip_state_byte),
+         says=r"model\.safetensors is damaged.*delete that folder to resume from an older"),
+    Case("resume-recipe-toml-deleted", "recipe.toml deleted, --resume with another lr",
+         lambda e: resume_damaged(e, lambda run: (run / "recipe.toml").unlink(), "train.lr=5e-4"),
+         says=r"differs from its state/step-\d+/recipe\.toml in train\.lr"),
 ]
 # fmt: on
+
+
+def _first_line_skipped(env: Env) -> None:
+    """Check: res.jsonl marks line 1 (a lone surrogate) with its error, line 2 has a box."""
+    first, second = (json.loads(x) for x in (env.tmp / "res.jsonl").read_text().splitlines())
+    assert "line 1" in first["error"] and "U+D800" in first["error"] and "box" not in first
+    assert second["line"] == 2 and len(second["box"]) == 4
 
 
 def _batch(env: Env, lines: list) -> str:
@@ -605,18 +720,22 @@ def _user_folder_intact(env: Env) -> None:
 
 
 def _unusual_images_kept(env: Env) -> None:
+    from vgdistill.data.image_table import ImageTable
     from vgdistill.data.prepare import load_prepared
 
     manifest = json.loads((env.tmp / "out" / "prepare.json").read_text())
     assert manifest["counts"]["val"]["kept"] == 5, manifest["counts"]
     rows = load_prepared(env.tmp / "out")["val"]
     sizes = {r["expression"]: (r["width"], r["height"]) for r in rows}
-    assert sizes["tall box"] == (40, 80)  # stored upright
+    # split files give no size: the stored pixels, as the reference loader reads them
+    assert sizes["tall box"] == (80, 40)
     assert sizes["dot"] == (1, 1)
+    images = ImageTable.of(rows)
     for r in rows:
         x1, y1, x2, y2 = r["bbox"]
         assert 0 <= x1 < x2 <= r["width"] and 0 <= y1 < y2 <= r["height"]
-        assert r["image"].mode == "RGB" and r["image"].size == (r["width"], r["height"])
+        image = images.load_row(r, r["expression"])
+        assert image.mode == "RGB" and image.size == (r["width"], r["height"])
 
 
 # ----------------------------------------------------------------------------- the runner

@@ -178,7 +178,11 @@ def test_kill_during_prepare_leaves_no_accepted_dataset(tiny_data, tiny_ckpt, tm
         t = threading.Thread(target=kill_kept_mid_swap)
         t.start()
         # fresh: killed at a random moment while its images are written.
-        assert _wait_for(lambda: bool(_hidden(tmp_path, "fresh.cache")), procs[fresh], 120)
+        # (prepare writes its tables straight into its .partial build folder beside --out)
+        def building() -> bool:
+            return any(p.name.startswith(".fresh.") for p in _hidden(tmp_path, ".partial"))
+
+        assert _wait_for(building, procs[fresh], 120)
         time.sleep(rng.uniform(0.0, 2.0))
         _kill(procs[fresh])
         t.join(timeout=180)
@@ -218,7 +222,7 @@ def test_two_prepares_into_one_out_never_corrupt_it(tmp_path):
     out = tmp_path / "shared"
     first = _spawn(_prepare_args(out, 3000, 5), tmp_path / "first.log")
     try:
-        holding = _wait_for(lambda: bool(_hidden(tmp_path, "shared.cache")), first, 120)
+        holding = _wait_for(lambda: bool(_hidden(tmp_path, ".partial")), first, 120)
         assert holding, (tmp_path / "first.log").read_text()[-2000:]
         same = runner.invoke(_app(), _prepare_args(out, 3000, 5))
         other = runner.invoke(_app(), _prepare_args(out, 100, 6))

@@ -17,9 +17,11 @@ def _factor_option(option: str, what: str) -> Any:
 
 @friendly
 def command(
-    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file: the baseline row.")],
+    recipe: Annotated[
+        Path, typer.Argument(help="Recipe (a shipped name or a TOML file): the baseline row.")
+    ],
     distill_pos: Annotated[
-        str | None, _factor_option("--distill-pos", "fusion, linear, backbone")
+        str | None, _factor_option("--distill-pos", "fusion, linear, backbone, cnn")
     ] = None,
     loss: Annotated[str | None, _factor_option("--loss", "cosine, l1, mse")] = None,
     modality: Annotated[str | None, _factor_option("--modality", "both, image, text, none")] = None,
@@ -29,6 +31,10 @@ def command(
     ] = None,
     beta: Annotated[
         str | None, _factor_option("--beta", "text distillation weights, e.g. 1,2")
+    ] = None,
+    teacher_view: Annotated[
+        str | None,
+        _factor_option("--teacher-view", "padded, image (what the teacher's image shows)"),
     ] = None,
     overrides: SetOption = None,
     grid: Annotated[
@@ -47,11 +53,27 @@ def command(
     ] = 1,
     out: Annotated[
         Path | None,
-        out_option("Ablation folder. Default: runs/ablate-NAME, NAME being the recipe file name."),
+        out_option("Ablation folder. Default: runs/ablate-NAME, NAME being the recipe name."),
     ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the variants and their run folders; run none.")
     ] = False,
+    launch: Annotated[
+        str | None,
+        typer.Option(
+            "--launch",
+            help="Start each run's train and eval with this command line instead of python, "
+            "e.g. 'accelerate launch --num_processes 8' (it is followed by -m vgdistill ...).",
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            help="I/N: run only every N-th run, starting at the I-th (1-based), so N ablate "
+            "processes with the same options share the work (one per GPU, see below).",
+        ),
+    ] = None,
 ) -> None:
     """Train and evaluate variants of a recipe; tabulate Acc@0.5 against the baseline.
 
@@ -62,10 +84,23 @@ def command(
 
     Writes summary.csv, summary.json and summary.md (a paper-style table) into --out.
 
-    Example: vgdistill ablate recipes/r50.toml --modality both,image,text,none --loss cosine,l1
+    Example: vgdistill ablate refcoco/r50 --modality both,image,text,none --loss cosine,l1
+
+    Several GPUs, one run at a time: --launch "accelerate launch --num_processes 8" trains and
+    evaluates each run on all eight.
+
+    Several GPUs, runs side by side: start one ablate per GPU, in the background, with the
+    same options plus --shard I/N: CUDA_VISIBLE_DEVICES=0 vgdistill ablate ... --shard 1/4 &,
+    CUDA_VISIBLE_DEVICES=1 vgdistill ablate ... --shard 2/4 &, and so on; once all have ended,
+    the same command without --shard prints the whole table (finished runs are skipped).
+
+    With two GPUs per shard, give each launcher its own port: CUDA_VISIBLE_DEVICES=0,1 ...
+    --shard 1/2 --launch "accelerate launch --num_processes 2 --main_process_port 29501".
     """
     from vgdistill.recipe import load_recipe
+    from vgdistill.recipe.shipped import run_name
     from vgdistill.tools.ablate.plan import FACTORS, check_variants, idle_changes, plan
+    from vgdistill.tools.ablate.runner import launcher, parse_shard
 
     given = {
         "position": distill_pos,
@@ -74,11 +109,13 @@ def command(
         "teacher": teacher,
         "alpha": alpha,
         "beta": beta,
+        "view": teacher_view,
     }
     factors = {k: FACTORS[k].parse(v) for k, v in given.items() if v is not None}
     sets = list(overrides or [])
     base = load_recipe(recipe, sets)
-    out = out or Path("runs") / f"ablate-{recipe.stem}"
+    out = out or Path("runs") / f"ablate-{run_name(recipe)}"
+    launch_words, share = launcher(launch), parse_shard(shard)
     variants = plan(base, factors, grid=grid, seeds=seeds, out=out)
     check_variants(recipe, sets, variants)
     for variant in variants:
@@ -97,7 +134,7 @@ def command(
 
         console.print(ablation_plan_table(variants, grid))
         return
-    _run(recipe, sets, variants, out, base.eval.splits, grid, seeds)
+    _run(recipe, sets, variants, out, base.eval.splits, grid, seeds, launch_words, share)
 
 
 def _say(text: str, err: bool = False) -> None:
@@ -157,13 +194,15 @@ def _run(
     splits: list[str],
     grid: bool,
     seeds: int,
+    launch: list[str],
+    shard: tuple[int, int] | None,
 ) -> None:
     from vgdistill.atomic import exclusive
     from vgdistill.report.tables import ablation_table
-    from vgdistill.tools.ablate.runner import Interrupted, run_all
+    from vgdistill.tools.ablate.runner import Interrupted, run_all, shard_runs
     from vgdistill.tools.ablate.summary import summarise, write_summary
 
-    total = sum(len(v.runs) for v in variants)
+    total = len(shard_runs(variants, shard))
     on_event = _reporter(recipe, sets, splits, total, seeds)
     meta = {
         "recipe": str(recipe),
@@ -171,18 +210,36 @@ def _run(
         "mode": "grid" if grid else "one-at-a-time",
         "seeds": seeds,
         "out": str(out),
+        "launch": launch,
+        "shard": f"{shard[0]}/{shard[1]}" if shard else None,
     }
     outcomes: dict = {}
     interrupted = False
-    with exclusive(out, "another `vgdistill ablate`"):
+    # Shards of one ablation share --out; each shard (and an unsharded run) has its own lock.
+    lock = out / f"shard-{shard[0]}-of-{shard[1]}" if shard else out
+    with exclusive(lock, "another `vgdistill ablate`"):
         try:
-            run_all(recipe, sets, variants, outcomes, on_event=on_event, verbose=State.verbose)
+            run_all(
+                recipe,
+                sets,
+                variants,
+                outcomes,
+                on_event=on_event,
+                verbose=State.verbose,
+                launch=launch,
+                shard=shard,
+            )
         except Interrupted:
             interrupted = True
         summary = summarise(variants, splits, outcomes, meta)
         paths = write_summary(out, summary)
     console.print(ablation_table(summary, title=f"Ablation: {recipe} ({meta['mode']})"))
     console.print(f"wrote {', '.join(str(p) for p in paths)}", highlight=False)
+    if shard:
+        _say(
+            f"shard {shard[0]}/{shard[1]}: other shards' runs show as unfinished until they end; "
+            "the same command without --shard then prints the whole table"
+        )
     if interrupted:
         err_console.print(
             "interrupted; the running variant saved a resumable state. Re-run the same "

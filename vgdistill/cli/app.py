@@ -23,7 +23,7 @@ from vgdistill.cli import (
     teacher_cmd,
     train_cmd,
 )
-from vgdistill.cli.common import setup_logging
+from vgdistill.cli.common import setup_logging, tolerate_closed_stdout
 
 app = typer.Typer(
     name="vgdistill",
@@ -74,4 +74,5 @@ app.add_typer(import_cmd.app, name="import")
 
 def main() -> None:
     """Console-script entry point."""
+    tolerate_closed_stdout()  # `vgdistill train ... | head` keeps the run's exit status
     app()

@@ -13,7 +13,9 @@ from vgdistill.cli.common import SetOption, console, err_console, friendly
 
 @friendly
 def command(
-    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file (e.g. recipes/r50.toml).")],
+    recipe: Annotated[
+        Path, typer.Argument(help="Recipe: a shipped name (e.g. r50) or a TOML file.")
+    ],
     overrides: SetOption = None,
     device: Annotated[
         str | None,
@@ -43,6 +45,22 @@ def command(
     no_data: Annotated[
         bool, typer.Option("--no-data", help="Skip the data pipeline measurement.")
     ] = False,
+    data_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="A prepared dataset folder: measure the training loader on its train split "
+            "(per core, uint8 images vs normalising in the loader) and evaluation on its val "
+            "split (one visual pass per image vs one per expression) instead of the model "
+            "steps.",
+        ),
+    ] = None,
+    eval_rows: Annotated[
+        int,
+        typer.Option(
+            "--eval-rows", help="With --data: evaluate the first images up to this many rows."
+        ),
+    ] = 256,
     plain: Annotated[
         bool,
         typer.Option(
@@ -66,12 +84,20 @@ def command(
     evaluation, peak memory, FLOPs per image and achieved TFLOP/s, fast path vs plain path.
 
     Builds everything with random weights (no downloads, no dataset needed): model shapes
-    come from the recipe, the data figure from JPEGs generated in a temporary folder.
+    come from the recipe, the data figure from JPEGs generated in a temporary folder. With
+    --data PATH it measures that prepared dataset's loader and evaluation instead.
     """
     from vgdistill.atomic import write_text
+    from vgdistill.errors import VGError
     from vgdistill.report.bench import bench_tables, load_note
     from vgdistill.tools.bench import BenchOptions, bench_file
 
+    if data_path is not None and no_data:
+        raise VGError("--data PATH measures a dataset's loader; it cannot go with --no-data")
+    if json_out is not None:
+        from vgdistill.atomic import check_file_out
+
+        check_file_out(json_out, "--json")  # before the measurements, not after them
     opts = BenchOptions(
         device=device,
         batch_size=batch_size,
@@ -83,6 +109,8 @@ def command(
         plain=plain,
         each=each,
         threads=threads,
+        data_path=None if data_path is None else str(data_path),
+        eval_rows=eval_rows,
     )
     with err_console.status("benchmarking") as status:
         result = bench_file(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -14,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vgdistill.errors import VGError
+from vgdistill.errors import VGError, disk_full_error, full_path, is_disk_full
 
 console = Console()
 err_console = Console(stderr=True)
@@ -84,12 +87,56 @@ def friendly(fn: F) -> F:
         except Exception as e:  # a bug, not bad input: still one line unless --verbose
             if State.verbose:
                 traceback.print_exc()
+            if is_disk_full(e):  # errno 28 from a write no output folder wrapped
+                raise fail(str(disk_full_error(full_path(e)))) from None
+            if isinstance(e, OSError) and e.errno == errno.EROFS:
+                raise fail(f"{e.strerror}: {e.filename}") from None
             raise fail(
                 f"internal error: {type(e).__name__}: {e} (run with --verbose for the traceback)",
                 1,
             ) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class _ClosedPipeSafe:
+    """sys.stdout that, once its reader has gone (`vgdistill train ... | head`), discards
+    further output instead of raising: the command goes on and keeps its exit status."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def _discard(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        """Write, or drop the text once the reader has closed the pipe."""
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._discard()
+            return len(text)
+
+    def flush(self) -> None:
+        """Flush, or drop the buffered text once the reader has closed the pipe."""
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._discard()
+            self._stream.flush()  # the buffer now drains into /dev/null
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def tolerate_closed_stdout() -> None:
+    """Make a closed stdout harmless for the rest of the process (console entry points)."""
+    if sys.stdout is not None and not isinstance(sys.stdout, _ClosedPipeSafe):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            sys.stdout.fileno()  # only a real file descriptor can be redirected
+            sys.stdout = _ClosedPipeSafe(sys.stdout)
 
 
 def setup_logging(verbose: bool) -> None:

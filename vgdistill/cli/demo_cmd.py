@@ -21,8 +21,11 @@ from vgdistill.cli.common import (
 def command(
     out: Annotated[Path, out_option("Folder for everything.")] = Path("runs/demo"),
     recipe: Annotated[
-        Path | None,
-        typer.Option(help="Recipe to run (default: recipes/demo.toml, which you can copy)."),
+        str | None,
+        typer.Option(
+            help="Recipe to run: a file or shipped name (default: demo; `vgdistill recipe cp "
+            "demo my.toml` gives you a copy to edit)."
+        ),
     ] = None,
     set_: SetOption = None,
     rows: Annotated[
@@ -33,6 +36,13 @@ def command(
         ),
     ] = None,
     progress: ProgressOption = True,
+    stop_after: Annotated[
+        str | None,
+        typer.Option(
+            help="End after this stage: prepare, detector, teacher, train, evaluate or predict "
+            "(a later run without it continues from there)."
+        ),
+    ] = None,
     force: Annotated[
         bool,
         typer.Option(
@@ -51,11 +61,15 @@ def command(
 
       vgdistill demo
 
-      vgdistill demo --recipe recipes/demo_full.toml --out runs/demo-full
+      vgdistill demo --recipe demo_full --out runs/demo-full
+
+      vgdistill demo --stop-after prepare     # only generate the data
     """
+    from vgdistill.atomic import check_writable
     from vgdistill.report.tables import demo_table
     from vgdistill.tools.demo import DEMO_RECIPE, run_demo, stage_lines
 
+    check_writable(out)  # every stage writes under --out
     report = run_demo(
         out,
         recipe or DEMO_RECIPE,
@@ -64,7 +78,16 @@ def command(
         progress=progress,
         rows=rows,
         force=force,
+        stop_after=stop_after,
     )
+    if report.stopped_after:
+        console.print(
+            f"stopped after {report.stopped_after} (--stop-after); "
+            + "; ".join(stage_lines(report, lambda s: f"{s:.0f}s")),
+            highlight=False,
+            markup=False,
+        )
+        return
     console.print(demo_table(report.results, report.out))
     if report.detector:
         console.print(

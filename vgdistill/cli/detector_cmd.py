@@ -22,14 +22,14 @@ from vgdistill.cli.common import (
 def command(
     recipe: Annotated[
         Path,
-        typer.Argument(help="Recipe TOML: its data.*, model.* (visual branch) and detector.*."),
+        typer.Argument(help="Recipe: its data.*, model.* (visual branch) and detector.* keys."),
     ],
     set_: SetOption = None,
     out: Annotated[
         Path | None,
         out_option(
             "Output folder (default: the folder of model.detr_checkpoint when it names "
-            "detr.safetensors, else runs/detector-NAME, NAME being the recipe file name)."
+            "detr.safetensors, else runs/detector-NAME, NAME being the recipe name)."
         ),
     ] = None,
     steps: Annotated[

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from vgdistill.cli.common import RunOrCheckpoint, console, friendly
+from vgdistill.cli.common import RunOrCheckpoint, SetOption, console, err_console, friendly
 from vgdistill.errors import VGError
 
 
@@ -23,7 +24,12 @@ def command(
         typer.Option("--split", help="Split to evaluate; repeatable. Default: eval.splits."),
     ] = None,
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the results to this JSON file.")
+        Path | None,
+        typer.Option(
+            "--json",
+            help="Also write the results to this JSON file; '-' prints them to stdout "
+            "instead of the table.",
+        ),
     ] = None,
     control: Annotated[
         str | None,
@@ -36,10 +42,14 @@ def command(
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", min=1, help="Batch size per process.")
     ] = None,
+    overrides: SetOption = None,
 ) -> None:
-    """Evaluate a checkpoint: per split Acc@0.5, Acc@0.75, mean IoU, count and images/s.
+    """Evaluate a checkpoint: per split Acc@0.5, Acc@0.75, mean IoU, count and speed.
 
-    Boxes are compared in original image pixels. Runs unchanged under
+    Boxes are scored under eval.protocol: "transvg" (default; the reference's IoU in the
+    padded, normalised square, comparable with the papers) or "pixels" (original image
+    pixels), e.g. --set eval.protocol=pixels. --set changes any key of the checkpoint's recipe
+    that does not change the model. Runs unchanged under
     `accelerate launch --num_processes N -m vgdistill eval ...` (counts stay exact).
     Given a run folder, writes eval.json (and refreshes curves.png) there.
     """
@@ -49,11 +59,30 @@ def command(
         raise VGError(f"--control {control!r} is not one of: {', '.join(CONTROLS)}")
     if not run_or_ckpt.exists():
         raise VGError(f"checkpoint or run folder not found: {run_or_ckpt}")
+    to_stdout = json_out == Path("-")
+    if json_out is not None and not to_stdout:
+        from vgdistill.atomic import check_file_out
+
+        check_file_out(json_out, "--json")  # before the evaluation, not after it
 
     from vgdistill.evaluation.evaluate import evaluate_checkpoint
     from vgdistill.report.tables import results_table
 
-    record = evaluate_checkpoint(run_or_ckpt, data, split, control, batch_size, json_out)
-    if record is not None:
-        title = f"{run_or_ckpt} on {record['data']}"
+    record = evaluate_checkpoint(
+        run_or_ckpt,
+        data,
+        split,
+        control,
+        batch_size,
+        None if to_stdout else json_out,
+        overrides=overrides,
+    )
+    if record is None:  # not the main process
+        return
+    if to_stdout:
+        typer.echo(json.dumps(record, indent=2))
+    else:
+        title = f"{run_or_ckpt} on {record['data']} ({record['protocol']} protocol)"
         console.print(results_table(record["results"], title=title))
+    if record.get("not_saved"):  # a read-only run folder: results shown, not recorded
+        err_console.print(f"warning: {record['not_saved']}", highlight=False, markup=False)

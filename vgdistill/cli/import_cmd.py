@@ -52,7 +52,7 @@ def transvg(
         rec = load_recipe(recipe, set_ or [])
     else:
         rec = from_dict(apply_overrides({}, set_ or [], "--set"), "--set")
-    with exclusive(out):
+    with exclusive(out, whole=True):  # the checkpoint folder is swapped in whole
         summary = import_transvg(ckpt, out, rec)
     console.print(
         f"[green]wrote[/] {out}: {summary['backbone']}, hidden {summary['hidden_dim']}, "

@@ -136,6 +136,16 @@ def command(
             "'nearest' phrases, fewer that the match nearest the centre answers).",
         ),
     ] = _DEFAULT.train_mix,
+    exif_frame: Annotated[
+        str,
+        typer.Option(
+            "--exif-frame",
+            help="Frame to keep EXIF-rotated photos in, so boxes stay on their objects: auto "
+            "(the frame whose size matches the image size the annotations give; the stored "
+            "pixels, as TransVG reads them, when no size is given or both match), stored, or "
+            "upright. Rows whose given size fits no allowed frame are dropped and counted.",
+        ),
+    ] = _DEFAULT.exif_frame,
     skip_missing: Annotated[
         bool,
         typer.Option(
@@ -147,6 +157,14 @@ def command(
     force: Annotated[
         bool, typer.Option("--force", help="Rebuild even if --out already holds this dataset.")
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            help="Processes that check (decode, and re-encode where needed) the images; the "
+            "output is the same for any number.",
+        ),
+    ] = 1,
     max_pixels: Annotated[
         int | None,
         typer.Option(
@@ -162,9 +180,11 @@ def command(
 ) -> None:
     """Prepare a grounding dataset from the files you have (or the synthetic `shapes`).
 
-    Writes a DatasetDict with images embedded (one row per expression) plus prepare.json.
+    Writes a DatasetDict with each image stored once (an images table) and one row per
+    expression referring to it, plus prepare.json.
 
-    Prints rows read, kept and dropped per split. Same inputs reuse the folder; --force rebuilds.
+    Prints rows read, kept and dropped per split. Same inputs (and unchanged image files)
+    reuse the folder; --force rebuilds.
 
     Examples:
 
@@ -192,7 +212,7 @@ def command(
 
     from vgdistill.data.prepare import prepare
     from vgdistill.data.sources import get_source
-    from vgdistill.report.tables import prepare_table
+    from vgdistill.report.tables import prepare_notes, prepare_table
 
     src = get_source(source)
     args = SourceArgs(
@@ -206,6 +226,7 @@ def command(
         split_rows=_parse_split_rows(split_rows),
         image_size=image_size,
         train_mix=train_mix,
+        exif_frame=exif_frame,
     )
     _warn_unused(src.options, args)
     result = prepare(
@@ -215,10 +236,17 @@ def command(
         force=force,
         skip_missing=skip_missing,
         max_pixels=max_pixels,
+        workers=workers,
         console=err_console,
         progress=progress,
     )
+    if result.note:
+        from rich.markup import escape
+
+        err_console.print(f"[yellow]note:[/] {escape(result.note)}", highlight=False)
     console.print(prepare_table(result.manifest))
+    for line in prepare_notes(result.manifest):
+        console.print(line, markup=False, highlight=False)
     if result.reused:
         console.print(
             f"[green]up to date:[/] {result.out} already holds this dataset "
@@ -242,6 +270,7 @@ _OPTION_FLAGS = {
     "split_rows": "--split-rows",
     "image_size": "--image-size",
     "train_mix": "--train-mix",
+    "exif_frame": "--exif-frame",
 }
 
 

@@ -21,14 +21,14 @@ from vgdistill.cli.common import (
 @friendly
 def command(
     recipe: Annotated[
-        Path, typer.Argument(help="Recipe TOML: its data.*, distill.teacher* and teacher.* keys.")
+        Path, typer.Argument(help="Recipe: its data.*, distill.teacher* and teacher.* keys.")
     ],
     set_: SetOption = None,
     out: Annotated[
         Path | None,
         out_option(
             "Output folder (default: distill.teacher when it names a folder, "
-            "else runs/teacher-NAME, NAME being the recipe file name)."
+            "else runs/teacher-NAME, NAME being the recipe name)."
         ),
     ] = None,
     epochs: Annotated[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from pathlib import Path
 from typing import Annotated
@@ -13,19 +14,31 @@ from vgdistill.cli.common import SetOption, console, friendly, out_option
 
 @friendly
 def command(
-    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file (e.g. recipes/tiny.toml).")],
+    recipe: Annotated[
+        Path, typer.Argument(help="Recipe: a shipped name (e.g. refcoco/r50) or a TOML file.")
+    ],
     overrides: SetOption = None,
     out: Annotated[
-        Path | None, out_option("Run folder. Default: runs/NAME, NAME being the recipe file name.")
+        Path | None,
+        out_option("Run folder. Default: runs/NAME (refcoco/r50 -> refcoco-r50; my.toml -> my)."),
     ] = None,
     resume: Annotated[
         bool,
         typer.Option(
             "--resume",
             help="Continue the run in --out from its newest saved state (mid-epoch); "
-            "start it if it has none yet.",
+            "start it if it has none yet. A finished run trains on when train.epochs "
+            "(or train.max_steps) was raised.",
         ),
     ] = False,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Start from the weights of this checkpoint or run folder (e.g. one written "
+            "by `vgdistill import transvg`): sets model.init_from.",
+        ),
+    ] = None,
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show the live progress display.")
     ] = True,
@@ -34,17 +47,23 @@ def command(
 
     The same command runs on several GPUs or machines under
     `accelerate launch --num_processes N -m vgdistill train RECIPE ...`.
-    Ctrl-C saves a resumable state first; continue with --resume.
+    Ctrl-C, SIGTERM and SIGHUP save a resumable state first; continue with --resume.
+    When stderr is not a terminal (a batch job), a plain line is logged every
+    train.log_every steps instead of the live bar.
     """
     from accelerate import PartialState
 
     from vgdistill.recipe import load_recipe
+    from vgdistill.recipe.shipped import run_name
     from vgdistill.training.student import train
 
+    overrides = list(overrides or [])
+    if init_from is not None:
+        overrides.append(f"model.init_from={json.dumps(str(init_from))}")
     resolved = load_recipe(recipe, overrides)
-    out = out or Path("runs") / recipe.stem
+    out = out or Path("runs") / run_name(recipe)
     hint = ["vgdistill", "train", str(recipe), "--out", str(out), "--resume"]
-    for item in overrides or []:
+    for item in overrides:
         hint += ["--set", item]
     summary = train(
         resolved, out, resume=resume, show_progress=progress, command_hint=shlex.join(hint)

@@ -5,17 +5,20 @@ Cleaning, per split, every decision counted (nothing is dropped silently):
   box partly outside the image -> clipped (kept, counted)
   box entirely outside -> dropped       box narrower or shorter than 1 px -> dropped (degenerate)
   same image + phrase + box twice in a split -> the repeat is dropped (duplicate)
+  image size given by the source fits neither the stored nor the EXIF-upright pixels -> dropped
+  (image size mismatch); EXIF-tagged images are counted with the frame each was kept in
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vgdistill.data.images import StoredImage, image_for_storage
+from vgdistill.data.images import SizeMismatch, StoredImage, image_for_storage
 from vgdistill.errors import VGError
 
 # A box edge further than this outside the image counts as clipped; smaller overhangs are the
@@ -69,50 +72,90 @@ def image_key(image: str | bytes) -> str:
 class StorableImageCache:
     """prepare's image check: each distinct image is validated (and re-encoded if needed) once.
 
-    Turning a source image into the bytes a prepared dataset stores means decoding it, and
-    re-encoding it when it is rotated, CMYK, 16-bit, .... Rows of one image usually come
+    Turning a source image into the bytes a prepared dataset stores means decoding it, picking
+    the frame its annotations were made in (exif.choose_frame, by the size the source gives)
+    and re-encoding it when it is turned, CMYK, 16-bit, .... Rows of one image usually come
     together, so a small LRU of the stored bytes avoids redoing that once per expression without
-    holding a whole dataset of images in memory; an image already validated is only re-read
-    (not decoded again) when it comes back later. This is not the training-time pixel cache
-    (data/decoded.py): it holds encoded bytes, for writing.
+    holding a whole dataset of images in memory; an image whose stored bytes are its file's own
+    is only re-read (not decoded again) when it comes back later. This is not the training-time
+    pixel cache (data/decoded.py): it holds encoded bytes, for writing.
     """
 
-    def __init__(self, max_pixels: int, keep: int = 64) -> None:
+    def __init__(self, max_pixels: int, keep: int = 64, frame: str = "auto") -> None:
         self.max_pixels = max_pixels
         self.keep = keep
-        self.errors: dict[str, str] = {}
-        self.valid: dict[str, tuple[int, int, bool]] = {}  # key -> (width, height, re-encoded)
+        self.frame = frame
+        self.errors: dict[str, str] = {}  # unreadable image -> message
+        self.mismatches: dict[str, str] = {}  # image whose size fits no frame -> message
+        self.tagged: dict[str, int] = {}  # EXIF-tagged image -> orientation
+        # key -> the stored image without its bytes (size, re-encoded?, orientation, frame)
+        self.valid: dict[str, StoredImage] = {}
         self.recent: OrderedDict[str, StoredImage] = OrderedDict()
 
     @property
     def reencoded(self) -> int:
-        """How many distinct images had to be re-encoded (rotated, CMYK, 16-bit, ...)."""
-        return sum(r for _, _, r in self.valid.values())
+        """How many distinct images had to be re-encoded (turned, CMYK, 16-bit, ...)."""
+        return sum(s.reencoded for s in self.valid.values())
 
-    def get(self, key: str, image: str | bytes) -> StoredImage | None:
-        """The storable image for `key`, or None when it cannot be decoded (error recorded)."""
+    def get(
+        self, key: str, image: str | bytes, size: tuple[int, int] | None = None
+    ) -> StoredImage | str:
+        """The storable image for `key` in the frame `size` implies, else the drop reason."""
+        if size is not None:  # the frame depends on the size, so the size is part of the key
+            key = f"{key}@{size[0]}x{size[1]}"
         if key in self.errors:
-            return None
+            return "unreadable image"
+        if key in self.mismatches:
+            return "image size mismatch"
         hit = self.recent.get(key)
         if hit is not None:
             self.recent.move_to_end(key)
             return hit
         known = self.valid.get(key)
         try:
-            if known is not None and not known[2]:
+            if known is not None and not known.reencoded and known.orientation == 1:
                 data = image if isinstance(image, bytes) else Path(image).read_bytes()
-                stored = StoredImage(data, known[0], known[1], reencoded=False)
+                stored = replace(known, data=data)
             else:
                 name = None if isinstance(image, bytes) else image
-                stored = image_for_storage(image, name=name, max_pixels=self.max_pixels)
+                stored = image_for_storage(
+                    image, name=name, max_pixels=self.max_pixels, size=size, frame=self.frame
+                )
+        except SizeMismatch as e:
+            self.mismatches[key] = str(e)
+            if e.orientation != 1:
+                self.tagged[key] = e.orientation
+            return "image size mismatch"
         except VGError as e:
             self.errors[key] = str(e)
-            return None
+            return "unreadable image"
         except OSError as e:  # the file vanished or became unreadable since it was checked
             self.errors[key] = f"{image}: {e.strerror or e}"
-            return None
-        self.valid[key] = (stored.width, stored.height, stored.reencoded)
+            return "unreadable image"
+        self.valid[key] = replace(stored, data=b"")
+        if stored.orientation != 1:
+            self.tagged[key] = stored.orientation
         self.recent[key] = stored
         if len(self.recent) > self.keep:
             self.recent.popitem(last=False)
         return stored
+
+    def merge(self, other: StorableImageCache) -> None:
+        """Take in the outcomes another cache recorded (a `prepare --workers` process's)."""
+        self.errors.update(other.errors)
+        self.mismatches.update(other.mismatches)
+        self.tagged.update(other.tagged)
+        self.valid.update(other.valid)
+
+    def exif_report(self) -> dict[str, Any]:
+        """The manifest's EXIF counts: tagged images, by orientation, and the frame each got."""
+        frames = Counter(
+            self.valid[k].frame if k in self.valid else "size_matched_neither" for k in self.tagged
+        )
+        orientations = Counter(self.tagged.values())
+        return {
+            "rule": self.frame,
+            "tagged": len(self.tagged),
+            "orientations": {str(o): orientations[o] for o in sorted(orientations)},
+            **{f: frames[f] for f in ("stored", "upright", "size_matched_neither")},
+        }

@@ -1,7 +1,8 @@
 """Decode-once caches: a stage that revisits each distinct image keeps it decoded in memory.
 
 The teacher's frames and the detector's images both decode every distinct image once, in
-worker processes, and keep the pixels as float16, under one byte limit.
+worker processes, and keep the pixels (uint8 as they are, floats as float16), under one byte
+limit.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def decode_once(
     dataset: Any, image_shape: Sequence[int], num_workers: int, batch_size: int = 64
 ) -> list[torch.Tensor] | None:
     """Every item of `dataset` decoded once (in worker processes), each field stacked over the
-    items in order, the first field (the pixels, `image_shape` each) as float16.
+    items in order, the first field (the pixels, `image_shape` each) uint8 or float16.
 
     Items are tensors or tuples of tensors. None when the pixels do not fit in
     CACHE_LIMIT_BYTES or there is nothing to decode: the caller then decodes per item.
@@ -40,7 +41,8 @@ def decode_once(
     fields: list[list[torch.Tensor]] = []
     for batch in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
         parts = [batch] if isinstance(batch, torch.Tensor) else list(batch)
-        parts[0] = parts[0].half()  # per batch: the float32 pixels are never all held at once
+        if parts[0].is_floating_point():
+            parts[0] = parts[0].half()  # per batch: float32 pixels are never all held at once
         fields = fields or [[] for _ in parts]
         for chunks, part in zip(fields, parts, strict=True):
             chunks.append(part)

@@ -24,20 +24,18 @@ class DetectionImages:
     def __init__(
         self, split: Any, categories: list[str], image_size: int, grid: int, stride: int
     ) -> None:
-        import datasets
-
+        from vgdistill.data.image_table import ImageTable
         from vgdistill.data.images import ImageIndex
         from vgdistill.data.transforms import GroundingTransform
 
-        # Bytes in, pixels decoded by load_image, as the grounding loader does.
-        split = split.cast_column("image", datasets.Image(decode=False))
+        self.images = ImageTable.of(split)
         self.rows = ImageIndex.from_ids(split["image_id"]).first_row
         self.split = split
         self.index = {c: i for i, c in enumerate(categories)}
         self.grid, self.stride, self.size = grid, stride, image_size
         self.transform = GroundingTransform(image_size, augment=False)
 
-        self.cache: list[torch.Tensor] | None = None  # every item's tensors, image as float16
+        self.cache: list[torch.Tensor] | None = None  # every item's tensors, image as uint8
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -53,14 +51,11 @@ class DetectionImages:
     def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
         import torch
 
-        from vgdistill.data.images import load_row_image
-
         if self.cache is not None:
-            image, *rest = (t[k] for t in self.cache)
-            return (image.float(), *rest)
+            return tuple(t[k] for t in self.cache)
 
         row = self.split[self.rows[k]]
-        out = self.transform(load_row_image(row, f"image {row['image_id']}"), None, "")
+        out = self.transform(self.images.load_row(row, f"image {row['image_id']}"), None, "")
         g = self.grid
         obj = torch.zeros(g * g)
         cat = torch.full((g * g,), -100, dtype=torch.int64)

@@ -1,9 +1,16 @@
-"""The one place that decodes user images: files and bytes become upright 8-bit RGB PIL images.
+"""The one place that decodes user images: files and bytes become 8-bit RGB PIL images.
 
-`prepare` and `predict` both go through `load_image`, so an image is seen the same way when a
-dataset is built and when a user grounds a phrase on it: EXIF orientation applied, any mode
-(grayscale, palette, CMYK, RGBA, 16-bit) turned into RGB, truncated or unreadable files and
-decompression bombs reported as a one-line `VGError` naming the file.
+`prepare`, the training loaders and `predict` all go through `load_image`: any mode (grayscale,
+palette, CMYK, RGBA, 16-bit) turned into RGB, truncated or unreadable files and decompression
+bombs reported as a one-line `VGError` naming the file.
+
+Frames. A JPEG's EXIF orientation tag says how to turn the stored pixels upright. A user's own
+photo (`predict`, the API) is decoded upright, as a viewer shows it. A dataset image keeps the
+frame its annotation was made in: `prepare` picks it per image (data/exif.py `choose_frame`:
+the frame whose size matches the size the annotation gives; the stored pixels, as COCO and the
+TransVG loader read them, when no size is given or both match) and stores bytes that decode to
+that frame with no orientation left to apply, so every reader sees the pixels the boxes were
+drawn on.
 """
 
 from __future__ import annotations
@@ -20,13 +27,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vgdistill.data.exif import choose_frame, jpeg_without_orientation, mismatch, orientation
 from vgdistill.errors import VGError
 
 # PIL's own default limit (about 89.5 M pixels, a 1024 MB RGBA image): larger images are refused.
 DEFAULT_MAX_PIXELS = 89_478_485
 MAX_PIXELS_ENV = "VGDISTILL_MAX_PIXELS"
-# EXIF tag 0x0112: how the camera was held; 1 = already upright.
-_ORIENTATION = 0x0112
 _STORE_AS_IS = {"JPEG", "PNG"}
 _pil_limit_lock = threading.Lock()
 
@@ -130,24 +136,30 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _orientation(im: Image.Image) -> int:
-    try:
-        return int(im.getexif().get(_ORIENTATION, 1) or 1)
-    except Exception:  # a broken EXIF block must not make the pixels unreadable
-        return 1
-
-
 def load_image(
-    src: ImageSource, *, name: str | None = None, max_pixels: int | None = None
+    src: ImageSource,
+    *,
+    name: str | None = None,
+    max_pixels: int | None = None,
+    upright: bool = True,
+    draft: tuple[int, int] | None = None,
 ) -> Image.Image:
-    """Decode a file path or encoded bytes into an upright RGB image; VGError when it cannot."""
+    """Decode a file path or encoded bytes into RGB (EXIF-upright unless upright=False).
+
+    `draft` (width, height) in the stored pixels' frame: a JPEG may be decoded at a reduced
+    DCT scale (1/2, 1/4, 1/8) whose size is still at least that, for a caller that shrinks
+    the image anyway (a fraction of the work of a full decode).
+    """
     label = _label(src, name)
     limit = max_pixels_limit(max_pixels)
     opened = _open(src, label, limit)
     rgb = None
     try:
+        if draft is not None and opened.format == "JPEG":
+            opened.draft(opened.mode, draft)
         opened.load()
-        im = ImageOps.exif_transpose(opened) if _orientation(opened) != 1 else opened
+        turn = upright and orientation(opened) != 1
+        im = ImageOps.exif_transpose(opened) if turn else opened
         rgb = _to_rgb(im)
     except VGError:
         raise
@@ -161,54 +173,79 @@ def load_image(
     return rgb
 
 
-def load_row_image(row: dict, name: str) -> Image.Image:
-    """Decode the image of a prepared row read without decoding ({"bytes", "path"} field)."""
-    field = row["image"]
-    return load_image(field["bytes"] if field.get("bytes") else field["path"], name=name)
-
-
 @dataclass(frozen=True)
 class StoredImage:
-    """Encoded bytes to embed in a prepared dataset, and the upright size they decode to."""
+    """Encoded bytes to embed in a prepared dataset, and the size they decode to.
+
+    The bytes decode to `frame` ("stored" pixels or EXIF-"upright") with no orientation left
+    to apply; `orientation` is the EXIF tag the source image carried (1 = none).
+    """
 
     data: bytes
     width: int
     height: int
     reencoded: bool
+    orientation: int = 1
+    frame: str = "stored"
+
+
+class SizeMismatch(VGError):
+    """The size the annotation gives matches neither frame of the image."""
+
+    def __init__(self, message: str, orientation: int) -> None:
+        super().__init__(message)
+        self.orientation = orientation
 
 
 def image_for_storage(
-    src: ImageSource, *, name: str | None = None, max_pixels: int | None = None
+    src: ImageSource,
+    *,
+    name: str | None = None,
+    max_pixels: int | None = None,
+    size: tuple[int, int] | None = None,
+    frame: str = "auto",
 ) -> StoredImage:
-    """Validate an image fully and return bytes that any decoder reads upright.
+    """Validate an image fully and return bytes in the annotation's frame (see `choose_frame`).
 
-    JPEG/PNG files that need no rotation keep their original bytes (no quality loss, no
-    re-encoding cost); anything else (EXIF-rotated, CMYK, 16-bit, TIFF, WebP, alpha...) is
-    decoded with `load_image` and re-encoded losslessly as an RGB PNG.
+    JPEG/PNG files already in that frame keep their original bytes (no quality loss, no
+    re-encoding cost); a JPEG kept in its stored frame gets its orientation tag set to 1 in
+    place; anything else (turned upright, CMYK, 16-bit, TIFF, WebP, alpha...) is decoded with
+    `load_image` and re-encoded losslessly as an RGB PNG. SizeMismatch when `size` fits no frame.
     """
     label = _label(src, name)
     limit = max_pixels_limit(max_pixels)
     data = src if isinstance(src, bytes) else _read_bytes(src, label)
     im = _open(data, label, limit)
     try:
-        fmt, mode, size = im.format, im.mode, im.size
-        upright = _orientation(im) == 1
+        fmt, mode, stored = im.format, im.mode, im.size
+        tag = orientation(im)
         alpha = "transparency" in im.info
         if fmt == "JPEG":
             # Decoding at 1/8 scale still walks the whole entropy-coded stream, so truncation
             # is detected at a fraction of the cost of a full decode.
-            im.draft(im.mode, (max(1, size[0] // 8), max(1, size[1] // 8)))
+            im.draft(im.mode, (max(1, stored[0] // 8), max(1, stored[1] // 8)))
         im.load()
     except (OSError, SyntaxError, ValueError) as e:
         raise VGError(f"{label}: unreadable or truncated image ({e})") from None
     finally:
         im.close()
-    if fmt in _STORE_AS_IS and upright and mode in ("RGB", "L") and not alpha:
-        return StoredImage(data, size[0], size[1], reencoded=False)
-    rgb = load_image(data, name=label, max_pixels=limit)
+    chosen = choose_frame(stored, tag, size, frame)
+    if chosen is None:
+        raise SizeMismatch(mismatch(label, stored, tag, size, frame), tag)
+    keep = fmt in _STORE_AS_IS and mode in ("RGB", "L") and not alpha
+    if keep and tag == 1:
+        return StoredImage(data, stored[0], stored[1], reencoded=False)
+    if keep and chosen == "stored" and fmt == "JPEG":
+        untagged = jpeg_without_orientation(data)
+        if untagged is not None:
+            return StoredImage(untagged, *stored, reencoded=False, orientation=tag)
+    turn = chosen == "upright"
+    rgb = load_image(data, name=label, max_pixels=limit, upright=turn)
     buf = io.BytesIO()
-    rgb.save(buf, format="PNG", compress_level=3)
-    return StoredImage(buf.getvalue(), rgb.width, rgb.height, reencoded=True)
+    rgb.save(buf, format="PNG", compress_level=3)  # PNG written without EXIF: nothing to turn
+    return StoredImage(
+        buf.getvalue(), rgb.width, rgb.height, True, orientation=tag, frame=chosen
+    )
 
 
 def _read_bytes(path: str | os.PathLike, label: str) -> bytes:

@@ -1,15 +1,17 @@
 """From a prepared split to batches: decode, transform, tokenize, collate (the batch contract).
 
-Batch keys (B = batch, S = data.image_size, L = data.max_query_len): image [B,3,S,S] float32,
-image_mask [B,S,S] bool (True on padding), input_ids / attention_mask [B,L] int64, boxes [B,4]
-normalised cxcywh in the padded frame, phrases (after the flip word-swap), orig_boxes [B,4]
-pixel xyxy in the original image, scale [B] and pad [B,2] (orig_px = (padded_px - pad) / scale),
-orig_size [B,2] (width, height), index [B] (row index in the split).
+Batch keys (B = batch, S = data.image_size, L = data.max_query_len): image [B,3,S,S] uint8
+(0 on padding; the model normalises it on its device), image_mask [B,S,S] bool (True on
+padding), input_ids / attention_mask [B,L] int64, boxes [B,4] normalised cxcywh in the padded
+frame, phrases (after the flip word-swap), orig_boxes [B,4] pixel xyxy in the original image,
+scale [B] and pad [B,2] (orig_px = (padded_px - pad) / scale), orig_size [B,2] (width,
+height), index [B] (row index in the split).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vgdistill.data.images import load_row_image
+from vgdistill.data.image_table import ImageTable
 from vgdistill.data.manifest import load_prepared
 from vgdistill.data.transforms import GroundingTransform
 from vgdistill.recipe import AUGMENTATIONS
@@ -81,18 +83,19 @@ class GroundingDataset(Dataset):
         train: bool,
         augment: bool,
         augment_ops: Sequence[str] = AUGMENTATIONS,
+        crop: str = "whole",
     ) -> None:
-        import datasets
-
-        if "image" in hf_split.column_names:
-            # Bytes in, pixels decoded by load_image: one decoder for prepare, training and
-            # predict (EXIF, modes and limits handled the same way everywhere).
-            hf_split = hf_split.cast_column("image", datasets.Image(decode=False))
         self.data = hf_split
+        self.images = ImageTable.of(hf_split)
         self.tokenizer = tokenizer
         self.max_query_len = int(max_query_len)
         self.train = train
-        self.transform = GroundingTransform(image_size, augment=train and augment, ops=augment_ops)
+        self.transform = GroundingTransform(
+            image_size, augment=train and augment, ops=augment_ops, crop=crop
+        )
+        # The augmentation never makes the long side larger than S, nor (when it crops) the
+        # short side larger than its largest short-side resize.
+        self.min_short = max(self.transform.sizes.short_sides) if "crop" in augment_ops else 0
 
     def __len__(self) -> int:
         return len(self.data)
@@ -102,13 +105,25 @@ class GroundingDataset(Dataset):
         # seeded generator: augmentations are reproducible for a given seed and worker count.
         return random.Random(int(torch.randint(0, 2**62, ()).item()))
 
+    def _draft(self, width: int, height: int) -> tuple[int, int] | None:
+        """The smallest decode size that every augmentation still only shrinks, when it is at
+        most half the image (JPEG then decodes at 1/2, 1/4 or 1/8 scale); else None. Training
+        with augmentation only: evaluation decodes in full, so its boxes map back exactly."""
+        if not self.transform.augment:
+            return None
+        f = max(self.transform.size / max(width, height), self.min_short / min(width, height))
+        return (math.ceil(width * f), math.ceil(height * f)) if f <= 0.5 else None
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.data[int(index)]
         name = f"{row.get('source', 'dataset')} row {index} (image {row.get('image_id')})"
-        img = load_row_image(row, name)
+        width, height = row["width"], row["height"]
+        img = self.images.load_row(row, name, self._draft(width, height))
         orig = np.asarray(row["bbox"], dtype=np.float64)
+        # A reduced decode: the box follows the pixels, and `scale` still maps to original pixels.
+        sx, sy = img.width / width, img.height / height
         rng = self._rng() if self.transform.augment else None
-        out = self.transform(img, orig, row["expression"], rng)
+        out = self.transform(img, orig * [sx, sy, sx, sy], row["expression"], rng)
         ids, mask = encode_phrase(self.tokenizer, out.phrase, self.max_query_len)
         return {
             "image": out.image,
@@ -118,9 +133,9 @@ class GroundingDataset(Dataset):
             "boxes": out.box,
             "phrases": out.phrase,
             "orig_boxes": torch.tensor(orig, dtype=torch.float32),
-            "scale": torch.tensor(out.scale, dtype=torch.float32),
+            "scale": torch.tensor(out.scale * sx, dtype=torch.float32),
             "pad": torch.tensor(out.pad, dtype=torch.float32),
-            "orig_size": torch.tensor([img.width, img.height], dtype=torch.int64),
+            "orig_size": torch.tensor([width, height], dtype=torch.int64),
             "index": torch.tensor(int(index), dtype=torch.int64),
         }
 
@@ -193,6 +208,7 @@ def build_loader(
         train=train,
         augment=data_cfg.augment,
         augment_ops=data_cfg.augment_ops,
+        crop=data_cfg.crop,
     )
     workers = data_cfg.num_workers if num_workers is None else int(num_workers)
     if workers > 0:

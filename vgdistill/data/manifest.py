@@ -1,7 +1,11 @@
-"""A prepared dataset's contract: its columns, its `prepare.json` manifest and fingerprint, loading.
+"""A prepared dataset's contract: its tables, its `prepare.json` manifest and fingerprint, loading.
 
-Everything that reads a prepared folder goes through `read_manifest` / `load_prepared` /
-`load_split`, so a missing, incomplete or too-new folder gives one clear error everywhere.
+A prepared folder is one `datasets` DatasetDict (`datasets.load_from_disk` opens it): a table
+per split, one row per expression, and the `images` table, each distinct image stored once;
+a row names its image by `image_index` (the image table's row). Everything that reads a
+prepared folder goes through `read_manifest` / `load_prepared` / `load_split` (and
+data/image_table.py for the pixels), so a missing, damaged, old or too-new folder gives one
+clear error everywhere.
 """
 
 from __future__ import annotations
@@ -21,14 +25,19 @@ if TYPE_CHECKING:
     import datasets
 
 # 2: the `objects` column (every annotated object of the image, for `vgdistill detector`).
-FORMAT_VERSION = 2
+# 3: images kept in their annotations' frame (EXIF orientation no longer applied blindly).
+# 4: each image stored once, in the `images` table; rows refer to it by `image_index`.
+FORMAT_VERSION = 4
 MANIFEST = "prepare.json"
+# The image table's name among the DatasetDict's tables (a source split may not use it).
+IMAGES = "images"
 DROP_REASONS = (
     "missing image",
     "unreadable image",
     "empty phrase",
     "degenerate box",
     "box outside image",
+    "image size mismatch",
     "duplicate",
 )
 
@@ -39,7 +48,7 @@ def features() -> datasets.Features:
 
     return datasets.Features(
         {
-            "image": datasets.Image(),
+            "image_index": datasets.Value("int64"),  # the row of the image table
             "expression": datasets.Value("string"),
             "bbox": datasets.Sequence(datasets.Value("float32"), length=4),
             "image_id": datasets.Value("string"),
@@ -55,6 +64,24 @@ def features() -> datasets.Features:
                     "bbox": datasets.Sequence(datasets.Value("float32"), length=4),
                 }
             ),
+        }
+    )
+
+
+def image_features() -> datasets.Features:
+    """The datasets Features of the image table: each distinct image once, with the size,
+    the file it came from and that file's size and mtime (what reuse compares)."""
+    import datasets
+
+    return datasets.Features(
+        {
+            "image": datasets.Image(),  # encoded bytes, decoding to width x height
+            "image_id": datasets.Value("string"),
+            "width": datasets.Value("int32"),
+            "height": datasets.Value("int32"),
+            "file": datasets.Value("string"),  # "" for images a source gave as bytes
+            "file_size": datasets.Value("int64"),
+            "file_mtime_ns": datasets.Value("int64"),
         }
     )
 
@@ -146,26 +173,53 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"{folder} was written by a newer vgdistill (format {version}, this one reads "
             f"<= {FORMAT_VERSION}); upgrade vgdistill or prepare it again"
         )
+    if version < FORMAT_VERSION:
+        # Format 2 turned EXIF-tagged images upright while their boxes stayed in the stored
+        # frame (boxes may be off their objects); formats before 4 store an image per row.
+        raise VGError(
+            f"{folder} was prepared by an older vgdistill (format {version}, this one reads "
+            f"{FORMAT_VERSION}); run the same `vgdistill prepare` command again with --force"
+        )
     return manifest
 
 
+def damage(folder: Path, manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the files of a prepared folder (the manifest lists each with its
+    size), or None when every one is there with its size."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return f"{MANIFEST} lists no files"
+    for name, size in files.items():
+        try:
+            found = (folder / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if found != size:
+            return f"{name} has {found:,} bytes instead of {size:,}"
+    return None
+
+
 def load_prepared(path: str | Path) -> datasets.DatasetDict:
-    """Open a prepared dataset (memory-mapped); VGError if missing, incomplete or too new."""
+    """Open a prepared dataset's splits (memory-mapped; the image table left out: see
+    data/image_table.py); VGError if missing, damaged, old or too new."""
     import datasets
 
     folder = Path(path).expanduser()
-    read_manifest(folder)
+    manifest = read_manifest(folder)
     if not (folder / "dataset_dict.json").is_file():
         raise VGError(f"{folder} is incomplete (no dataset_dict.json); run prepare --force")
+    problem = damage(folder, manifest)
+    if problem is not None:
+        raise VGError(f"{folder} is damaged ({problem}); run prepare --force to rebuild it")
     try:
         loaded = datasets.load_from_disk(str(folder))
     except Exception as e:  # datasets raises several types for a damaged folder
         raise VGError(
             f"{folder}: cannot load the prepared dataset ({e}); run prepare --force"
         ) from None
-    if not isinstance(loaded, datasets.DatasetDict):
-        raise VGError(f"{folder}: expected a DatasetDict; run prepare --force")
-    return loaded
+    if not isinstance(loaded, datasets.DatasetDict) or IMAGES not in loaded:
+        raise VGError(f"{folder}: no {IMAGES} table, not a prepared dataset; run prepare --force")
+    return datasets.DatasetDict({name: ds for name, ds in loaded.items() if name != IMAGES})
 
 
 def load_split(path: str | Path, split: str) -> datasets.Dataset:
@@ -184,10 +238,13 @@ def load_split(path: str | Path, split: str) -> datasets.Dataset:
 __all__ = [
     "DROP_REASONS",
     "FORMAT_VERSION",
+    "IMAGES",
     "MANIFEST",
     "SplitCounts",
+    "damage",
     "features",
     "fingerprint",
+    "image_features",
     "load_prepared",
     "load_split",
     "read_manifest",

@@ -106,12 +106,12 @@ class Frames:
         augment: bool,
         augment_ops: Sequence[str],
     ):
-        import datasets
-
+        from vgdistill.data.image_table import ImageTable
         from vgdistill.data.transforms import GroundingTransform
 
-        cols = [c for c in ("image", "image_id", "source") if c in ds.column_names]
-        self.ds = ds.select_columns(cols).cast_column("image", datasets.Image(decode=False))
+        self.images = ImageTable.of(ds)
+        cols = [c for c in ("image_index", "image_id", "source") if c in ds.column_names]
+        self.ds = ds.select_columns(cols)
         self.table = table
         self.size = int(image_size)
         self.transform = GroundingTransform(self.size, augment=augment, ops=augment_ops)
@@ -122,13 +122,15 @@ class Frames:
         return len(self.table.phrases)
 
     def _frame(self, row: int, phrase: str) -> tuple[torch.Tensor, str]:
-        from vgdistill.data.images import load_row_image
+        from vgdistill.models.visual import normalize_pixels
 
         rec = self.ds[int(row)]
         name = f"{rec.get('source', 'dataset')} row {row} (image {rec.get('image_id')})"
         seed = int(_torch_seed()) if self.transform.augment else 0
-        out = self.transform(load_row_image(rec, name), None, phrase, random.Random(seed))
-        return out.image, out.phrase
+        out = self.transform(self.images.load_row(rec, name), None, phrase, random.Random(seed))
+        # Normalised here (the padding then reads as 0, as the student's branch sees it), so
+        # the fitted teacher and retrieval take these frames without their masks.
+        return normalize_pixels(out.image, out.mask), out.phrase
 
     def __getitem__(self, row: int) -> tuple[torch.Tensor, str]:
         """Row `row` as (image float32 [3,S,S], phrase after any flip word-swap)."""
@@ -152,12 +154,14 @@ class Frames:
         """Distinct image `k` under each of `self.flips`, float32 [flips,3,S,S]."""
         import torch
 
-        from vgdistill.data.images import load_row_image
+        from vgdistill.models.visual import normalize_pixels
 
         rec = self.ds[int(self.table.first_row[k])]
-        img = load_row_image(rec, f"{rec.get('source', 'dataset')} image {rec.get('image_id')}")
+        name = f"{rec.get('source', 'dataset')} image {rec.get('image_id')}"
+        img = self.images.load_row(rec, name)
         box = [0.0, 0.0, img.width, img.height]
-        return torch.stack([self.transform.fixed(img, box, "", f).image for f in self.flips or ()])
+        forms = [self.transform.fixed(img, box, "", f) for f in self.flips or ()]
+        return torch.stack([normalize_pixels(out.image, out.mask) for out in forms])
 
     def load_cache(self, num_workers: int) -> None:
         """Decode every distinct image once (in worker processes) and keep its forms in memory,

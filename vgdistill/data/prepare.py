@@ -1,40 +1,41 @@
 """`vgdistill prepare`: read a source, clean its rows, write one self-contained cached dataset.
 
-Output: a `datasets.DatasetDict` saved with `save_to_disk` (images embedded), one row per
-expression (the columns: data/manifest.py `features`), plus `prepare.json` (source, arguments,
-counts, fingerprint; data/manifest.py). The folder is built beside `--out` and swapped in only
-when complete, under an exclusive lock, so neither an interrupted run nor two concurrent runs
-leave a half dataset that later commands would trust. How rows are cleaned: data/cleaning.py.
+Output: one `datasets.DatasetDict` folder (`datasets.load_from_disk` opens it; the tables:
+data/manifest.py) holding an `images` table with each distinct image once and a table per split
+with one row per expression referring to its image, plus `prepare.json` (source, arguments,
+counts, fingerprint, every file with its size). Each image is checked once (in `--workers`
+processes, data/prepare_images.py) and every table is streamed straight into its final arrow
+files (data/store.py): nothing is written twice and memory does not grow with the dataset. The
+folder is built beside `--out` and swapped in only when complete, under an exclusive lock, so
+neither an interrupted run nor two concurrent runs leave a half dataset that later commands
+would trust. How rows are cleaned: data/cleaning.py.
+
+Reuse: the same source, arguments and input files, an intact folder (every file there with
+its size) and unchanged images (each image file's size and mtime) give "up to date"; anything
+else rebuilds, saying why when the folder held an earlier build.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vgdistill import __version__, atomic
-from vgdistill.data.cleaning import (
-    StorableImageCache,
-    clean_expression,
-    clip_box,
-    image_key,
-    objects_column,
-)
+from vgdistill.data.cleaning import clean_expression, clip_box, image_key, objects_column
+from vgdistill.data.image_table import changed_files
 from vgdistill.data.images import max_pixels_limit
 from vgdistill.data.manifest import (
     DROP_REASONS,
     FORMAT_VERSION,
+    IMAGES,
     MANIFEST,
     SplitCounts,
+    damage,
     features,
     fingerprint,
     load_prepared,
@@ -42,11 +43,12 @@ from vgdistill.data.manifest import (
     read_manifest,
     source_args_dict,
 )
+from vgdistill.data.prepare_images import ImagePass, ImageTask, write_image_table
 from vgdistill.data.sources import RawRow, Source, SourceArgs, get_source
+from vgdistill.data.store import TableWriter, file_sizes, write_dataset_dict
 from vgdistill.errors import VGError
 
 if TYPE_CHECKING:
-    import datasets
     from rich.console import Console
 
 _SHOW_PATHS = 5
@@ -54,12 +56,14 @@ _SHOW_PATHS = 5
 
 @dataclass
 class PrepareResult:
-    """What `prepare` did: the folder, its manifest, and whether the cache was reused."""
+    """What `prepare` did: the folder, its manifest, whether the cache was reused, and why an
+    earlier build in the folder was not (`note`)."""
 
     out: Path
     manifest: dict[str, Any]
     reused: bool
     seconds: float
+    note: str | None = None
 
     @property
     def rows_read(self) -> int:
@@ -92,29 +96,31 @@ def _guard_out(out: Path) -> None:
         )
 
 
-def _cached(out: Path, fp: str) -> dict[str, Any] | None:
-    """The manifest of a complete dataset in `out` with fingerprint `fp`, else None."""
-    if not (out / MANIFEST).is_file() or not (out / "dataset_dict.json").is_file():
-        return None
+def _reusable(out: Path, fp: str) -> tuple[dict[str, Any] | None, str | None]:
+    """(the manifest of an intact dataset in `out` built from these very inputs, None), or
+    (None, why not) when `out` holds a build of the same inputs that cannot be reused."""
+    if not (out / MANIFEST).is_file():
+        return None, None
     try:
         manifest = read_manifest(out)
     except VGError:
-        return None
-    return manifest if manifest.get("fingerprint") == fp else None
-
-
-@contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
-    """Silence datasets' own tqdm bars while we show ours."""
-    import datasets
-
-    was_enabled = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            datasets.enable_progress_bars()
+        return None, None
+    if manifest.get("fingerprint") != fp:
+        return None, None
+    problem = damage(out, manifest)
+    if problem is None:
+        try:
+            changed = changed_files(out, manifest)
+        except Exception as e:  # an unreadable image table: damaged in a way sizes miss
+            problem = f"its image table cannot be read: {e}"
+    if problem is not None:
+        return None, f"{out} is damaged ({problem}); rebuilding it"
+    if changed:
+        return None, (
+            f"{len(changed)} image file(s) changed since {out} was built, e.g. "
+            f"{_list_examples(changed)}; rebuilding it"
+        )
+    return manifest, None
 
 
 def _progress(console: Console | None, enabled: bool):  # noqa: ANN202 - rich type
@@ -148,37 +154,48 @@ def _list_examples(paths: list[str]) -> str:
 
 
 def prepare(
-    source_name: str,
+    source_name: str | Source,
     args: SourceArgs,
     out: str | Path,
     *,
     force: bool = False,
     skip_missing: bool = False,
     max_pixels: int | None = None,
+    workers: int = 1,
     console: Console | None = None,
     progress: bool = True,
 ) -> PrepareResult:
-    """Build (or reuse) the prepared dataset of `source_name` in `out`; see the module doc."""
+    """Build (or reuse) the prepared dataset of `source_name` (a registered name, or a Source
+    of rows made in memory) in `out`; see the module doc."""
     start = time.perf_counter()
-    source = get_source(source_name)
+    source = source_name if isinstance(source_name, Source) else get_source(source_name)
     out = Path(out).expanduser().absolute()
     limit = max_pixels_limit(max_pixels)
+    if workers < 1:
+        raise VGError(f"--workers must be at least 1, got {workers}")
     inputs = source.inputs(args)  # validates the arguments before anything is read
+    # The worker count is not an option of the output: any count writes the same folder.
     options = {"skip_missing": skip_missing, "max_pixels": limit}
     fp = fingerprint(source, args, inputs, options)
     _guard_out(out)
-    if not force and (manifest := _cached(out, fp)) is not None:
-        return PrepareResult(out, manifest, reused=True, seconds=time.perf_counter() - start)
-
-    with atomic.exclusive(out, what="another `vgdistill prepare`"):
-        # Another run may have finished this very dataset while we waited for nothing.
-        if not force and (manifest := _cached(out, fp)) is not None:
+    note = None
+    if not force:
+        manifest, note = _reusable(out, fp)
+        if manifest is not None:
             return PrepareResult(out, manifest, reused=True, seconds=time.perf_counter() - start)
+
+    with atomic.exclusive(out, what="another `vgdistill prepare`", whole=True):
+        # Another run may have finished this very dataset while we waited for nothing.
+        if not force:
+            manifest, note = _reusable(out, fp)
+            if manifest is not None:
+                seconds = time.perf_counter() - start
+                return PrepareResult(out, manifest, reused=True, seconds=seconds)
         _guard_out(out)
-        with _progress(console, progress) as bar, _quiet_datasets():
-            manifest = _build(source, args, out, fp, options, skip_missing, limit, bar)
+        with _progress(console, progress) as bar:
+            manifest = _build(source, args, out, fp, options, workers, bar)
     seconds = time.perf_counter() - start
-    return PrepareResult(out, manifest, reused=False, seconds=seconds)
+    return PrepareResult(out, manifest, reused=False, seconds=seconds, note=note)
 
 
 def _read_rows(source: Source, args: SourceArgs, bar: Any) -> list[RawRow]:
@@ -242,26 +259,38 @@ def _candidates(
     return counts, by_split
 
 
-def _row_generator(
-    source_name: str,
-    counts: dict[str, SplitCounts],
-    by_split: dict[str, list[_Candidate]],
-    cache: StorableImageCache,
-    advance: Callable[[], None],
-) -> Callable[[str], Iterator[dict[str, Any]]]:
-    """generate(split): a split's cleaned rows, each image and box checked, repeats dropped,
-    every decision counted in `counts`."""
-    seen: set[tuple[Any, ...]] = set()
+def _image_tasks(by_split: dict[str, list[_Candidate]]) -> list[ImageTask]:
+    """Each distinct image of the candidates once, in order of first use."""
+    tasks: dict[tuple[str, tuple[int, int] | None], ImageTask] = {}
+    for cands in by_split.values():
+        for c in cands:
+            if (c.key, c.row.image_size) not in tasks:
+                task = ImageTask(c.key, c.row.image, c.row.image_size, c.row.image_id)
+                tasks[c.key, c.row.image_size] = task
+    return list(tasks.values())
 
-    def generate(split: str) -> Iterator[dict[str, Any]]:
+
+def _write_rows(
+    folder: Path,
+    source_name: str,
+    by_split: dict[str, list[_Candidate]],
+    counts: dict[str, SplitCounts],
+    images: ImagePass,
+    fp: str,
+) -> None:
+    """Write each split's table: every row's image and box checked, repeats dropped, every
+    decision counted in `counts` (an empty split stays, empty)."""
+    feats = features()
+    seen: set[tuple[Any, ...]] = set()
+    for split, cands in by_split.items():
+        writer = TableWriter(folder, split, feats, fp)
         c = counts[split]
-        for cand in by_split[split]:
-            advance()
-            stored = cache.get(cand.key, cand.row.image)
-            if stored is None:
-                c.dropped["unreadable image"] += 1
+        for cand in cands:
+            placed = images.placed[cand.key, cand.row.image_size]
+            if isinstance(placed, str):  # the drop reason
+                c.dropped[placed] += 1
                 continue
-            box, reason, clipped = clip_box(cand.row.bbox_xyxy, stored.width, stored.height)
+            box, reason, clipped = clip_box(cand.row.bbox_xyxy, placed.width, placed.height)
             if box is None:
                 c.dropped[reason or "degenerate box"] += 1
                 continue
@@ -272,51 +301,20 @@ def _row_generator(
             seen.add(dup_key)
             c.clipped += clipped
             c.kept += 1
-            yield {
-                "image": {"bytes": stored.data, "path": None},
+            row = {
+                "image_index": placed.index,
                 "expression": cand.expression,
                 "bbox": list(box),
                 "image_id": cand.row.image_id,
                 "ref_id": cand.row.ref_id,
                 "split": split,
                 "source": source_name,
-                "width": stored.width,
-                "height": stored.height,
-                "objects": objects_column(cand.row.objects, stored.width, stored.height),
+                "width": placed.width,
+                "height": placed.height,
+                "objects": objects_column(cand.row.objects, placed.width, placed.height),
             }
-
-    return generate
-
-
-def _write_splits(
-    generate: Callable[[str], Iterator[dict[str, Any]]],
-    counts: dict[str, SplitCounts],
-    fp: str,
-    cache_dir: Path,
-) -> dict[str, datasets.Dataset]:
-    """One Dataset per split, written through `generate` (an empty split stays, empty)."""
-    import datasets
-
-    feats = features()
-    splits = {}
-    for split in counts:
-        try:
-            splits[split] = datasets.Dataset.from_generator(
-                generate,
-                features=feats,
-                cache_dir=str(cache_dir),
-                gen_kwargs={"split": split},
-                fingerprint=f"{fp}-{split}",
-                split=datasets.NamedSplit(split),
-            )
-        except ValueError:
-            # datasets refuses a generator that yields nothing; keep the split, empty.
-            if counts[split].kept:
-                raise
-            splits[split] = datasets.Dataset.from_dict(
-                {k: [] for k in feats}, features=feats, split=datasets.NamedSplit(split)
-            )
-    return splits
+            writer.write(row)
+        writer.close()
 
 
 def _build(
@@ -325,29 +323,34 @@ def _build(
     out: Path,
     fp: str,
     options: dict[str, Any],
-    skip_missing: bool,
-    limit: int,
+    workers: int,
     bar: Any,
 ) -> dict[str, Any]:
     """Read, clean and write the dataset into `out` (swapped in whole); return its manifest."""
-    import datasets
-
+    skip_missing, limit = options["skip_missing"], options["max_pixels"]
     rows = _read_rows(source, args, bar)
     missing = _missing_images(source, args, rows, skip_missing)
     counts, by_split = _candidates(rows, missing)
-    cache = StorableImageCache(limit)
-    task = bar.add_task("checking and writing images", total=sum(map(len, by_split.values())))
-    generate = _row_generator(source.name, counts, by_split, cache, lambda: bar.advance(task))
-    cache_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.cache.", dir=out.parent))
-    try:
-        splits = _write_splits(generate, counts, fp, cache_dir)
-        unreadable = sorted(cache.errors.values())
+    if IMAGES in counts:
+        raise VGError(
+            f"{source.name} has a split named {IMAGES!r}, the name a prepared dataset keeps "
+            "for its image table; leave it out with --splits"
+        )
+    tasks = _image_tasks(by_split)
+    task = bar.add_task("checking and writing images", total=len(tasks))
+    with atomic.build_dir(out) as tmp:
+        images = write_image_table(
+            tmp, tasks, fp, limit, args.exif_frame, workers, lambda: bar.advance(task)
+        )
+        unreadable = sorted(images.checks.errors.values())
         if unreadable and not skip_missing:
             raise VGError(
                 f"{len(unreadable)} images could not be decoded, e.g. "
                 f"{'; '.join(unreadable[:3])}; fix or remove them, or pass --skip-missing "
                 "to drop their rows"
             )
+        _write_rows(tmp, source.name, by_split, counts, images, fp)
+        write_dataset_dict(tmp, [*counts, IMAGES])
         manifest = {
             "format_version": FORMAT_VERSION,
             "vgdistill_version": __version__,
@@ -357,16 +360,19 @@ def _build(
             "counts": {s: c.to_dict() for s, c in counts.items()},
             "fingerprint": fp,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "images_reencoded": cache.reencoded,
+            "images": sum(not isinstance(p, str) for p in images.placed.values()),
+            "images_reencoded": images.checks.reencoded,
+            "exif": images.checks.exif_report(),
+            "size_mismatch_examples": sorted(images.checks.mismatches.values())[:_SHOW_PATHS],
             "missing_examples": sorted(missing)[:_SHOW_PATHS],
             "unreadable_examples": unreadable[:_SHOW_PATHS],
+            # Every file with its size (a damaged folder is rebuilt, not trusted), and the
+            # image files whose rows were dropped (if one appears or changes, rebuild).
+            "files": file_sizes(tmp),
+            "dropped_files": [[p, None, None] for p in sorted(missing)] + images.dropped_files,
         }
-        with atomic.build_dir(out) as tmp:
-            datasets.DatasetDict(splits).save_to_disk(str(tmp))
-            atomic.write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        return manifest
-    finally:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+        atomic.write_text(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 # The manifest names are re-exported: callers may import them from here or from data.manifest.

@@ -2,16 +2,23 @@
 
 Train (TransVG, sizes scaled by image_size / 640 so a 64-px recipe gets the same recipe):
   one of  (a) resize the long side to one of 448..640 (step 32)
-          (b) resize the short side to 400/500/600, crop 384..600 keeping the target inside,
-              resize the long side to one of 448..640 again
+          (b) resize the short side to 400/500/600, crop 384..600, resize the long side to
+              one of 448..640 again
       (b) is chosen with p = 0.5, never when the phrase holds a spatial word, since a crop can
-      change what "left" or "top" means;
+      change what "left" or "top" means. The crop (recipe key data.crop) keeps the whole target
+      box ("whole", the default) or is the reference's ("transvg": 20 tries of a random size and
+      place, the first whose box-centre test passes, a test that compares the centre's x with
+      the crop's top and its y with the crop's left, so the crop can cut the box);
   colour jitter (brightness/contrast/saturation 0.4) with p = 0.8;
   horizontal flip with p = 0.5, swapping the whole words left <-> right ("bright" stays);
-  pad to S x S at a random position; ImageNet normalisation; mask True on padding.
+  pad to S x S at a random position; mask True on padding.
   `ops` (recipe key data.augment_ops) leaves any of resize, crop, jitter, flip and translate
   out: without resize the long side goes to S, without translate the padding is centred.
 Eval: resize the long side to S, pad centred (top = round(dh/2 - 0.1), as the reference does).
+
+The image leaves the transform as uint8 pixels with zeros on the padding: a quarter of the
+bytes of a float image to build, collate and move to the device, where the model normalises it
+(`vgdistill.models.visual.normalize_pixels`, ImageNet mean/std, padding exactly 0).
 
 Boxes are absolute pixel xyxy in continuous coordinates (pixel i spans [i, i+1]), so a resize
 by f maps x to f*x, a flip maps x to W - x and a crop or pad shifts x.
@@ -30,6 +37,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from vgdistill.recipe import AUGMENTATIONS
+from vgdistill.recipe.schema import CROPS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,6 +46,8 @@ REFERENCE_SIZE = 640
 _LONG_SIDES = tuple(640 - 32 * i for i in range(7))  # 640, 608, ..., 448
 _SHORT_SIDES = (400, 500, 600)
 _CROP_RANGE = (384, 600)
+# The reference's RandomSizeCrop gives up (no crop) after this many draws fail its test.
+TRANSVG_CROP_TRIES = 20
 CROP_PROB = 0.5
 JITTER_PROB = 0.8
 JITTER_STRENGTH = 0.4
@@ -174,6 +184,29 @@ def sample_crop(
     return rng.randint(left_lo, left_hi), rng.randint(top_lo, top_hi), w, h
 
 
+def sample_crop_transvg(
+    size: tuple[int, int], box: Box, crop_min: int, crop_max: int, rng: random.Random
+) -> tuple[int, int, int, int] | None:
+    """The TransVG reference's crop (left, top, w, h), or None when every try fails.
+
+    Each try draws a width in [crop_min, min(W, crop_max)], a height in [crop_min,
+    min(H, crop_max)], then a top in [0, H - h] and a left in [0, W - w] (the reference's
+    order); it is taken when the box centre's x exceeds the top and its y exceeds the left.
+    That test mixes the axes as the reference does, so the crop can cut the box.
+    """
+    img_w, img_h = size
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    w_hi, h_hi = min(img_w, crop_max), min(img_h, crop_max)
+    if w_hi < crop_min or h_hi < crop_min:
+        return None  # the reference cannot draw a size here either (it raises)
+    for _ in range(TRANSVG_CROP_TRIES):
+        w, h = rng.randint(crop_min, w_hi), rng.randint(crop_min, h_hi)
+        top, left = rng.randint(0, img_h - h), rng.randint(0, img_w - w)
+        if cx > top and cy > left:
+            return left, top, w, h
+    return None
+
+
 def colour_jitter(
     img: Image.Image, rng: random.Random, strength: float = JITTER_STRENGTH
 ) -> Image.Image:
@@ -194,17 +227,15 @@ def centred_padding(width: int, height: int, size: int) -> tuple[int, int]:
 def to_padded_tensor(
     img: Image.Image, size: int, left: int, top: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet-normalised float image placed at (left, top) in zeros; mask True on padding."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    norm = (arr.float() / 255.0 - mean) / std
-    out = torch.zeros(3, size, size)
+    """An RGB image's uint8 pixels [3,S,S] placed at (left, top) in zeros; mask True on padding."""
+    out = np.zeros((3, size, size), dtype=np.uint8)
+    w, h = img.size
+    # One plane at a time: copying PIL's planes is cheaper than transposing HWC to CHW.
+    for c, plane in enumerate(img.split()):
+        out[c, top : top + h, left : left + w] = np.asarray(plane)
     mask = torch.ones(size, size, dtype=torch.bool)
-    h, w = norm.shape[1:]
-    out[:, top : top + h, left : left + w] = norm
     mask[top : top + h, left : left + w] = False
-    return out, mask
+    return torch.from_numpy(out), mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +246,7 @@ def to_padded_tensor(
 class Transformed:
     """One sample after the transform."""
 
-    image: torch.Tensor  # float32 [3, S, S]
+    image: torch.Tensor  # uint8 [3, S, S], 0 on padding
     mask: torch.Tensor  # bool [S, S], True on padding
     box: torch.Tensor | None  # float32 [4], normalised cxcywh in the padded frame
     box_xyxy: np.ndarray | None  # float64 [4], pixels in the padded frame (None: no box given)
@@ -228,13 +259,23 @@ class Transformed:
 
 
 class GroundingTransform:
-    """TransVG preprocessing: `augment=True` for training, else the deterministic eval path."""
+    """TransVG preprocessing: `augment=True` for training, else the deterministic eval path;
+    `crop` is data.crop ("whole" or "transvg")."""
 
-    def __init__(self, image_size: int, augment: bool, ops: Sequence[str] = AUGMENTATIONS) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        augment: bool,
+        ops: Sequence[str] = AUGMENTATIONS,
+        crop: str = "whole",
+    ) -> None:
+        if crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
         self.size = int(image_size)
         self.augment = augment
         self.ops = frozenset(ops)
         self.sizes = AugmentSizes.for_size(self.size)
+        self.sample_crop = sample_crop_transvg if crop == "transvg" else sample_crop
 
     def __call__(
         self,
@@ -348,7 +389,7 @@ class GroundingTransform:
         if "crop" in ops and not has_spatial_word(phrase) and rng.random() < CROP_PROB:
             short = rng.choice(sz.short_sides)
             img, box = do_resize(img, box, short_side_size(img.width, img.height, short))
-            region = sample_crop(img.size, box, sz.crop_min, sz.crop_max, rng)
+            region = self.sample_crop(img.size, box, sz.crop_min, sz.crop_max, rng)
             if region is not None:
                 img, box = crop(img, box, region)
                 affine.shift(-region[0], -region[1])

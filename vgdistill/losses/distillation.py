@@ -113,6 +113,12 @@ class DistillationTask(nn.Module):
         )
         teacher = self.teacher if self.teacher is not None else teacher
         modality = self.distill_cfg.modality
+        if out.student_img is None and modality in ("both", "image"):
+            # Only cached visual tokens leave it unset (the cache holds no CNN map).
+            raise ValueError(
+                f"image distillation at distill.position = {self.distill_cfg.position} needs "
+                "pixels, not cached visual tokens"
+            )
         t_img = batch.get("teacher_image")
         t_txt = None
         if teacher is not None:
@@ -120,6 +126,7 @@ class DistillationTask(nn.Module):
             new_img, t_txt = teacher.encode(
                 batch.get("image"),
                 batch["phrases"],
+                image_mask=batch.get("image_mask"),
                 want_image=t_img is None and modality in ("both", "image"),
                 want_text=modality in ("both", "text"),
             )

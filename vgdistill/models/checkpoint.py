@@ -1,8 +1,9 @@
 """Checkpoint folders: model.safetensors + config.json (the resolved recipe).
 
-config.json = recipe.to_dict() plus "vgdistill_version" and "model_arch" (the teacher
+config.json = recipe.to_dict() plus "vgdistill_version", "model_arch" (the teacher
 embedding size and the BERT config), so a checkpoint rebuilds without the BERT folder or the
-teacher it was trained with.
+teacher it was trained with, and "sha256" ({file name: SHA-256} of the weights), checked on
+every load so a damaged file is refused instead of giving NaN boxes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from vgdistill.training.rundir import RunDir
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+CHECKSUMS = "sha256"  # the config.json key of the weights' checksums
 
 
 def save_checkpoint(model: nn.Module, recipe: Any, folder: str | Path) -> None:
@@ -27,6 +29,7 @@ def save_checkpoint(model: nn.Module, recipe: Any, folder: str | Path) -> None:
 
     from vgdistill import __version__
     from vgdistill.atomic import build_dir
+    from vgdistill.models.files import sha256_file
 
     model = getattr(model, "module", model)  # DDP / accelerate wrappers
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
@@ -34,8 +37,10 @@ def save_checkpoint(model: nn.Module, recipe: Any, folder: str | Path) -> None:
     config = {**recipe.to_dict(), "vgdistill_version": __version__}
     if hasattr(model, "arch"):
         config["model_arch"] = model.arch()
-    with build_dir(folder) as tmp:
+    needed = sum(v.numel() * v.element_size() for v in state.values())
+    with build_dir(folder, needed) as tmp:
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        config[CHECKSUMS] = {WEIGHTS: sha256_file(tmp / WEIGHTS)}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
@@ -100,7 +105,27 @@ def load_model_weights(
     folder = resolve_checkpoint(path)
     state = load_safetensors_file(folder / WEIGHTS)
     check_state_dict(model, state, str(folder), allow_missing)
+    verify_weights(folder)
     model.load_state_dict(state, strict=False)
+
+
+def verify_weights(folder: Path) -> None:
+    """Check the weights against the SHA-256 their config.json recorded (VGError when they
+    changed); checkpoints written before checksums were recorded are not checked.
+
+    Call it after the file loaded and fitted the model: a truncated file or another model's
+    weights get those more telling errors; this catches damage nothing else sees (flipped
+    bytes inside the tensor data)."""
+    from vgdistill.models.files import verify_sha256
+
+    try:
+        raw = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # read_config reports a missing or corrupt config.json
+        return
+    sums = raw.get(CHECKSUMS) if isinstance(raw, dict) else None
+    if isinstance(sums, dict) and isinstance(sums.get(WEIGHTS), str):
+        fix = "copy the checkpoint again, or use the run's other checkpoint (best/ or last/)"
+        verify_sha256(folder / WEIGHTS, sums[WEIGHTS], fix)
 
 
 def read_config(folder: Path) -> tuple[Any, dict[str, Any]]:
@@ -117,6 +142,7 @@ def read_config(folder: Path) -> tuple[Any, dict[str, Any]]:
     if not isinstance(raw, dict):
         raise VGError(f"{path}: corrupt (not a JSON object)")
     raw.pop("vgdistill_version", None)
+    raw.pop(CHECKSUMS, None)
     arch = raw.pop("model_arch", None) or {}
     return from_dict(raw, str(path)), arch
 
@@ -138,5 +164,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
         recipe, load_weights=False, embed_dim=embed_dim, bert_config=arch.get("bert_config")
     )
     check_state_dict(model, state, str(folder))
+    verify_weights(folder)
     model.load_state_dict(state, strict=False)
     return model.to(device).eval(), recipe

@@ -7,9 +7,11 @@ The [REG] output goes through a 3-layer MLP and a sigmoid: a normalised (cx, cy,
 
 Distillation: one student feature per modality is taken at `distill.position` -- `fusion`
 (fusion output at the first text / first visual token), `linear` (outputs of text_proj /
-visu_proj) or `backbone` (branch outputs before those projections) -- pooled (`first` token or
-masked `mean`), and mapped by its own Linear to the teacher's embedding size. The teacher and
-the loss are not part of this module (vgdistill.models.teacher, vgdistill.losses).
+visu_proj), `backbone` (branch outputs before those projections: DETR encoder, BERT's last kept
+layer) or `cnn` (closest to the input: the CNN feature map before the 1x1 projection, BERT's
+embedding output) -- pooled (`first` token or masked `mean`), and mapped by its own Linear to
+the teacher's embedding size. The teacher and the loss are not part of this module
+(vgdistill.models.teacher, vgdistill.losses).
 """
 
 from __future__ import annotations
@@ -105,11 +107,11 @@ class EpmVG(nn.Module):
         if (use_img or use_txt) and embed_dim <= 0:
             raise ValueError("distillation needs the teacher embedding size (embed_dim > 0)")
         self.embed_dim = embed_dim if (use_img or use_txt) else 0
-        before = self.position == "backbone"
-        self.distill_img = nn.Linear(dim, embed_dim) if use_img else None
-        self.distill_txt = (
-            nn.Linear(self.text.num_channels if before else dim, embed_dim) if use_txt else None
-        )
+        # Before the projections the features have the branches' own widths.
+        img_in = backbone.num_channels if self.position == "cnn" else dim
+        txt_in = self.text.num_channels if self.position in ("backbone", "cnn") else dim
+        self.distill_img = nn.Linear(img_in, embed_dim) if use_img else None
+        self.distill_txt = nn.Linear(txt_in, embed_dim) if use_txt else None
         self._channels_last = bool(m.channels_last)
         self.set_fast_path(True)
 
@@ -152,15 +154,25 @@ class EpmVG(nn.Module):
     ) -> GroundingOutput:
         """Predict one box per (image, phrase) pair; see GroundingOutput.
 
-        `visual` (tokens [B,N,D], padding mask [B,N]) replaces the visual branch's output when
-        it was computed ahead (a frozen branch's cached tokens); image and mask are then unused.
+        `image` is uint8 pixels or ImageNet-normalised floats (`normalize_pixels`). `visual`
+        (tokens [B,N,D], padding mask [B,N]) replaces the visual branch's output when it was
+        computed ahead (a frozen branch's cached tokens); image and mask are then unused, and
+        at distill.position = cnn there is no CNN map, so `student_img` stays None.
         """
-        if visual is None:
+        distilling = self.distill_img is not None or self.distill_txt is not None
+        cnn = distilling and self.position == "cnn"
+        cnn_map = txt_embed = None
+        if visual is None and cnn:
+            vis, vis_pad, hw, cnn_map = self.visual.features(image, image_mask.bool())
+        elif visual is None:
             vis, vis_pad, hw = self.visual(image, image_mask.bool())
         else:
             vis, vis_pad = visual
             hw = (self.feature_side, self.feature_side)
-        txt = self.text(input_ids, attention_mask)
+        if cnn:
+            txt, txt_embed = self.text.features(input_ids, attention_mask)
+        else:
+            txt = self.text(input_ids, attention_mask)
         txt_pad = attention_mask == 0
         b, n_txt = input_ids.shape
         total = 1 + n_txt + vis.shape[1]
@@ -180,14 +192,18 @@ class EpmVG(nn.Module):
         out = GroundingOutput(pred_boxes=boxes, feature_hw=hw)
         if return_attention and weights is not None:
             out.attention = weights[:, 1 + n_txt :]
-        if self.distill_img is not None or self.distill_txt is not None:
+        if distilling:
             if self.position == "fusion":
                 img_tok, txt_tok = h[:, 1 + n_txt :], h[:, 1 : 1 + n_txt]
             elif self.position == "linear":
                 img_tok, txt_tok = vis_p, txt_p
-            else:
+            elif self.position == "backbone":
                 img_tok, txt_tok = vis, txt
-            if self.distill_img is not None:
+            else:
+                # The CNN map's cells in the visual tokens' order (row-major), same padding.
+                img_tok = None if cnn_map is None else cnn_map.flatten(2).transpose(1, 2)
+                txt_tok = txt_embed
+            if self.distill_img is not None and img_tok is not None:
                 out.student_img = self.distill_img(_pool(img_tok, vis_pad, self.pool)).float()
             if self.distill_txt is not None:
                 out.student_txt = self.distill_txt(_pool(txt_tok, txt_pad, self.pool)).float()

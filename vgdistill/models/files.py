@@ -9,6 +9,7 @@ arguments, numpy scalars) are allowed by name. Anything else is refused with a V
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,29 @@ def _unsafe_names(path: Path) -> str:
     names = [n for n in names if n not in allowed]
     shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return f"it needs {shown}" if names else "objects torch will not rebuild safely"
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | Path, expected: str, fix: str) -> None:
+    """VGError when the file's SHA-256 is not the one recorded when it was written
+    (bytes changed on disk since: a damaged copy or disk); `fix` says what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise VGError(f"{path} is missing; {fix}")
+    got = sha256_file(path)
+    if got != expected:
+        raise VGError(
+            f"{path} is damaged: its SHA-256 ({got[:12]}...) is not the one recorded when it "
+            f"was saved ({expected[:12]}...); {fix}"
+        )
 
 
 def load_safetensors_file(path: str | Path) -> dict[str, Any]:

@@ -142,6 +142,16 @@ class TextBranch(nn.Module):
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
         return out.last_hidden_state
 
+    def features(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(hidden states of layer text_layer, BERT's embedding output before any layer)."""
+        out = self.bert(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            return_dict=True,
+        )
+        return out.last_hidden_state, out.hidden_states[0]
+
 
 def build_tokenizer(model_cfg: Any) -> Any:
     """The fast word-piece tokenizer that matches model.text_model (offline where possible)."""

@@ -1,5 +1,8 @@
 """TransVG's visual branch: backbone -> 1x1 projection -> DETR transformer encoder.
 
+Images arrive either as uint8 pixels (0-255, padding 0) or already ImageNet-normalised
+floats; `normalize_pixels` maps the first to the second on the images' device.
+
 Also reads a facebookresearch/detr checkpoint (the initialisation TransVG uses): its
 `backbone.0.body.*`, `input_proj.*` and `transformer.encoder.layers.N.*` tensors map onto
 this branch; DETR's decoder and detection heads are not part of TransVG and are skipped.
@@ -8,11 +11,14 @@ this branch; DETR's decoder and detection heads are not part of TransVG and are 
 from __future__ import annotations
 
 import logging
+from functools import lru_cache
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vgdistill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from vgdistill.errors import VGError
 from vgdistill.models.backbones import Backbone
 from vgdistill.models.layers import TransformerEncoder, sine_position_embedding
@@ -29,6 +35,38 @@ DETR_PREFIXES = {
 DETR_UNUSED = ("transformer.decoder.", "query_embed.", "class_embed.", "bbox_embed.")
 
 
+@lru_cache(maxsize=8)
+def _imagenet_table(device: torch.device) -> Tensor:
+    """[3,256]: the ImageNet-normalised float32 value of each 8-bit level, per channel."""
+    # Computed on the CPU with the very operations the float transform uses, so a table
+    # lookup reproduces that path bit for bit on any device (no reciprocal-multiply drift).
+    levels = torch.arange(256, dtype=torch.float32).view(1, 256)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1)
+    return ((levels / 255.0 - mean) / std).to(device)
+
+
+def normalize_pixels(image: Tensor, pad_mask: Tensor | None) -> Tensor:
+    """uint8 [...,3,H,W] -> ImageNet-normalised float32, padding (pad_mask [...,H,W] True)
+    exactly 0; a floating image is taken as already normalised and returned unchanged."""
+    if image.is_floating_point():
+        return image
+    if image.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 pixels or normalised floats, got {image.dtype}")
+    table = _imagenet_table(image.device)
+    shape = (*image.shape[:-3], *image.shape[-2:])
+    out = torch.stack(
+        [
+            table[c].index_select(0, image[..., c, :, :].int().reshape(-1)).view(shape)
+            for c in range(3)
+        ],
+        dim=-3,
+    )
+    if pad_mask is not None:
+        out.masked_fill_(pad_mask.bool().unsqueeze(-3), 0.0)
+    return out
+
+
 class VisualBranch(nn.Module):
     """Image + padding mask -> visual tokens [B,N,D] with their padding mask [B,N]."""
 
@@ -42,10 +80,18 @@ class VisualBranch(nn.Module):
         self.dim = dim
 
     def forward(self, image: Tensor, image_mask: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
-        """image [B,3,S,S], image_mask [B,S,S] (True on padding) -> (tokens, pad mask, (h, w))."""
+        """image [B,3,S,S] (uint8 or normalised float), image_mask [B,S,S] (True on padding)
+        -> (tokens [B,N,D], pad mask [B,N], (h, w))."""
+        tokens, pad, hw, _ = self.features(image, image_mask)
+        return tokens, pad, hw
+
+    def features(
+        self, image: Tensor, image_mask: Tensor
+    ) -> tuple[Tensor, Tensor, tuple[int, int], Tensor]:
+        """As forward, plus the CNN feature map [B,C,h,w] before the 1x1 projection."""
         # Padding is 0 after normalisation in every loader here and in TransVG; forcing it to
         # 0 makes the output independent of whatever values a caller leaves in the padding.
-        image = image.masked_fill(image_mask[:, None], 0.0)
+        image = normalize_pixels(image, image_mask).masked_fill(image_mask[:, None], 0.0)
         feat = self.backbone(image)
         h, w = feat.shape[-2:]
         # Nearest-neighbour resize of the pixel mask to the feature grid, as DETR does.
@@ -54,7 +100,7 @@ class VisualBranch(nn.Module):
         pos = sine_position_embedding(mask, self.dim, dtype=src.dtype)
         pad = mask.flatten(1)
         out, _ = self.encoder(src, pos, pad)
-        return out, pad, (h, w)
+        return out, pad, (h, w), feat
 
 
 def detr_to_visual_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:

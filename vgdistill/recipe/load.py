@@ -18,6 +18,7 @@ from vgdistill.recipe.schema import (
     ModelConfig,
     Recipe,
 )
+from vgdistill.recipe.shipped import locate
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,8 +42,6 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         chain = " -> ".join(p.name for p in (*seen, path))
         raise VGError(f"{path}: circular 'extends' ({chain})")
-    if not path.is_file():
-        raise VGError(f"recipe not found: {path}")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -51,8 +50,12 @@ def _read_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base_name is None:
         return raw
     if not isinstance(base_name, str):
-        raise VGError(f"{path}: 'extends' must be a file name (str)")
-    base = _read_toml(path.parent / base_name, (*seen, path))
+        raise VGError(f"{path}: 'extends' must be a file name or a shipped recipe name (str)")
+    try:
+        base_path = locate(base_name, path.parent)  # a file beside this one, or a shipped name
+    except VGError as e:
+        raise VGError(f"{path}: extends {base_name!r}: {e}") from None
+    base = _read_toml(base_path, (*seen, path))
     return deep_merge(base, raw)
 
 
@@ -235,11 +238,14 @@ def validate(recipe: Recipe, source: str = "<recipe>") -> None:
         raise VGError(f"{source}: model.hidden_dim must be divisible by enc_heads and fusion_heads")
     if recipe.data.num_workers < 0:
         raise VGError(f"{source}: data.num_workers must be >= 0")
+    if not t.project.strip():
+        raise VGError(f"{source}: train.project must name a tracker project, got ''")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe file (following `extends`), apply `--set` overrides, validate."""
-    path = Path(path)
+    """Read a recipe file or shipped recipe name (following `extends`), apply `--set`
+    overrides, validate."""
+    path = locate(path)
     raw = _read_toml(path)
     raw = apply_overrides(raw, overrides or [], str(path))
     return from_dict(raw, str(path))

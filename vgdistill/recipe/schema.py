@@ -17,6 +17,8 @@ def _f(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
 
 # TransVG's training augmentations, each of which `data.augment_ops` can leave out.
 AUGMENTATIONS = ("resize", "crop", "jitter", "flip", "translate")
+# How the training crop treats the target box: kept whole, or the TransVG reference's crop.
+CROPS = ("whole", "transvg")
 
 
 @dataclass
@@ -32,6 +34,12 @@ class DataConfig:
     augment_ops: list[str] = _f(
         list(AUGMENTATIONS),
         "Which augmentations `augment` applies: resize, crop, jitter, flip, translate.",
+    )
+    crop: str = _f(
+        "whole",
+        "The training crop: 'whole' keeps the whole target box inside it; 'transvg' is the "
+        "reference's (its box-centre test swaps x and y, so it can cut the box).",
+        CROPS,
     )
     num_workers: int = _f(4, "DataLoader worker processes per training process.")
 
@@ -56,6 +64,11 @@ class ModelConfig:
         "",
         "Local DETR checkpoint to start the visual branch from: facebookresearch/detr's "
         "layout, or the detr.safetensors that `vgdistill detector` writes.",
+    )
+    detr_source: str = _f(
+        "",
+        "Where model.detr_checkpoint is published; training stops before it starts, quoting "
+        "this, when that file is missing.",
     )
     hidden_dim: int = _f(256, "Width of the DETR encoder and the fusion transformer.")
     enc_layers: int = _f(6, "DETR encoder layers.")
@@ -85,6 +98,11 @@ class ModelConfig:
     text_config: dict[str, int] = _f({}, "BertConfig overrides when text_init = 'random'.")
     text_layer: int = _f(12, "Use the hidden state of this BERT encoder layer (bert_enc_num).")
     channels_last: bool = _f(True, "channels_last memory format for CNN backbones (faster on GPU).")
+    init_from: str = _f(
+        "",
+        "Start from this vgdistill checkpoint or run folder (every tensor whose name and shape "
+        "match); backbone_weights, detr_checkpoint and BERT's weights are then not read.",
+    )
 
 
 @dataclass
@@ -98,8 +116,9 @@ class DistillConfig:
     )
     position: str = _f(
         "fusion",
-        "Student features distilled: fusion output, branch projections, or backbones.",
-        ("fusion", "linear", "backbone"),
+        "Student features distilled: fusion output, branch projections, branch outputs "
+        "(DETR encoder / BERT), or nearest the input (CNN map / BERT embeddings).",
+        ("fusion", "linear", "backbone", "cnn"),
     )
     loss: str = _f("cosine", "Distillation loss.", ("cosine", "l1", "mse"))
     alpha: float = _f(1.5, "Weight of the image distillation loss.")
@@ -118,6 +137,12 @@ class DistillConfig:
     teacher_lr: float = _f(1e-5, "Teacher learning rate when teacher_trainable.")
     teacher_precision: str = _f(
         "auto", "Teacher precision: 'auto' = bf16 on GPU, fp32 on CPU.", ("auto", "fp32", "bf16")
+    )
+    teacher_view: str = _f(
+        "padded",
+        "What the teacher sees: the student's padded square, or the image region alone "
+        "(padding cut off), resized and normalised the teacher's way.",
+        ("padded", "image"),
     )
 
 
@@ -139,7 +164,12 @@ class TrainConfig:
     scheduler: str = _f("step", "LR schedule.", ("step", "cosine", "poly", "constant"))
     lr_drop: int = _f(60, "Step schedule: multiply the lr by 0.1 after this many epochs.")
     warmup_steps: int = _f(0, "Linear warm-up steps (cosine and poly schedules).")
-    mixed_precision: str = _f("no", "Autocast precision.", ("no", "bf16", "fp16"))
+    mixed_precision: str = _f(
+        "no",
+        "Autocast precision; 'auto' = what `accelerate launch` / `accelerate config` says, "
+        "else bf16 on a GPU that has it.",
+        ("no", "bf16", "fp16", "auto"),
+    )
     compile: bool = _f(False, "torch.compile the student.")
     visual_cache_gb: float = _f(
         4.0,
@@ -151,6 +181,9 @@ class TrainConfig:
     save_every: int = _f(0, "Also save a resumable checkpoint every N steps; 0 = each epoch.")
     keep: int = _f(2, "Keep at most this many resumable checkpoints.")
     trackers: list[str] = _f([], "Accelerate trackers, e.g. ['tensorboard'].")
+    project: str = _f(
+        "vgdistill", "Tracker project (W&B project, MLflow experiment); runs are named by folder."
+    )
 
 
 @dataclass
@@ -159,6 +192,13 @@ class EvalConfig:
 
     splits: list[str] = _f(["val", "testA", "testB"], "Splits evaluated by `vgdistill eval`.")
     batch_size: int = _f(32, "Evaluation batch size per process.")
+    protocol: str = _f(
+        "transvg",
+        "How boxes are scored: 'transvg' = the reference's IoU in the padded, normalised "
+        "square (prediction clamped to the square, integer ground truth); 'pixels' = IoU in "
+        "original image pixels (prediction clamped to the image).",
+        ("transvg", "pixels"),
+    )
 
 
 @dataclass

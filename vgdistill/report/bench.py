@@ -20,7 +20,10 @@ def _fmt(x: Any, unit: str = "", digits: int = 1) -> str:
 
 
 def bench_tables(result: dict[str, Any]) -> list[Table]:
-    """Rich tables: fast vs plain figures, each optimisation alone, and GPU targets."""
+    """Rich tables: fast vs plain figures, each optimisation alone, and GPU targets (or, for
+    a bench on a prepared dataset, its loader and evaluation)."""
+    if "dataset" in result:
+        return [_loader_table(result), _dataset_eval_table(result)]
     tables = [_main_table(result)]
     if result.get("optimisations"):
         tables.append(_optimisations_table(result["optimisations"]))
@@ -140,3 +143,76 @@ def _targets_table(targets: dict[str, Any]) -> Table:
     for name, v in targets.items():
         g.add_row(name, _fmt(v["target"]), _fmt(v["measured"]), "yes" if v["met"] else "no")
     return g
+
+
+def _loader_table(result: dict[str, Any]) -> Table:
+    """Loader images/s per core, uint8 vs normalising in the loader, and what each drew."""
+    d = result["dataset"]
+    lo = d["loader"]
+    ops = ", ".join(lo["augment_ops"]) or "none"
+    t = Table(
+        title=f"loader per core on {d['path']} ({d['train_split']}, {lo['image_size']}px, "
+        f"batch {lo['batch_size']}; augmentation: {ops}; crop {lo['crop']})",
+        title_justify="left",
+    )
+    for col in ("figure", "uint8 (now)", "float in the loader (before)", "now / before"):
+        t.add_column(col, justify="left" if col == "figure" else "right")
+    new, old = lo["uint8"], lo["float_in_worker"]
+    t.add_row(
+        "images/s (one core)",
+        _fmt(new["images_per_s"]),
+        _fmt(old["images_per_s"]),
+        _fmt(lo["speedup"], "x", 2),
+    )
+    a, b = new["augmentation"], old["augmentation"]
+    for label, key in (
+        ("flipped share", "flip_share"),
+        ("mean |scale|", "mean_scale"),
+        ("mean image area share", "mean_image_area"),
+    ):
+        t.add_row(label, _fmt(a[key], "", 4), _fmt(b[key], "", 4), "")
+    t.add_row(
+        "mean box cx, cy, w, h",
+        ", ".join(_fmt(v, "", 3) for v in a["mean_box_cxcywh"]),
+        ", ".join(_fmt(v, "", 3) for v in b["mean_box_cxcywh"]),
+        "",
+    )
+    t.add_row("same draws / same pixels", "", "", _yes(lo["same_augmentation"], lo["same_pixels"]))
+    return t
+
+
+def _yes(*flags: bool) -> str:
+    """"yes" when every flag holds, else "NO"."""
+    return "yes" if all(flags) else "[red]NO[/]"
+
+
+def _dataset_eval_table(result: dict[str, Any]) -> Table:
+    """Evaluation with one visual pass per image against one per expression."""
+    d = result["dataset"]
+    ev = d["eval"]
+    shared, per_row = ev["shared"], ev["per_row"]
+    t = Table(
+        title=f"evaluation on {d['eval_split']}: {ev['rows']} expressions of "
+        f"{shared['images']} images, batch {ev['batch_size']}, random weights",
+        title_justify="left",
+    )
+    for col in ("figure", "shared visual pass", "per row", "shared / per row"):
+        t.add_column(col, justify="left" if col == "figure" else "right")
+    t.add_row(
+        "expressions/s",
+        _fmt(shared["expressions_per_s"]),
+        _fmt(per_row["expressions_per_s"]),
+        _fmt(ev["speedup"], "x", 2),
+    )
+    t.add_row("images/s", _fmt(shared["images_per_s"]), _fmt(per_row["images_per_s"]), "")
+    t.add_row(
+        "Acc@0.5 %",
+        _fmt(100 * shared["acc50"], "", 2),
+        _fmt(100 * per_row["acc50"], "", 2),
+        "same" if ev["same_acc50"] else "[red]differs[/]",
+    )
+    t.add_row(
+        "mean IoU", _fmt(shared["miou"], "", 4), _fmt(per_row["miou"], "", 4),
+        f"diff {ev['miou_difference']:.1e}",
+    )  # fmt: skip
+    return t

@@ -10,11 +10,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
     from vgdistill.tools.ablate.plan import Variant
-    from vgdistill.tools.predict import Grounding
+    from vgdistill.tools.grounder import Grounding
 
 
 def mean_std(mean: float | None, std: float | None) -> str:
@@ -36,7 +37,7 @@ def results_table(results: dict[str, dict[str, Any]], title: str = "Evaluation")
     if control:
         table.add_column("Acc@0.5 shuffled", justify="right")
         table.add_column("mIoU shuffled", justify="right")
-    table.add_column("images/s", justify="right")
+    table.add_column("phrases/s", justify="right")
     for split, m in results.items():
         row = [
             split,
@@ -48,7 +49,7 @@ def results_table(results: dict[str, dict[str, Any]], title: str = "Evaluation")
         if control:
             s = m.get("shuffle")
             row += [f"{100 * s['acc50']:.2f}", f"{100 * s['miou']:.2f}"] if s else ["-", "-"]
-        row.append(f"{m['images_per_s']:.1f}")
+        row.append(f"{m['expressions_per_s']:.1f}")
         table.add_row(*row)
     return table
 
@@ -97,6 +98,23 @@ def prepare_table(manifest: dict[str, Any]) -> Table:
         values = [counts[s]["dropped"].get(reason, 0) for s in splits]
         add(f"dropped: {reason}", values, style="yellow" if any(values) else "dim")
     return table
+
+
+def prepare_notes(manifest: dict[str, Any]) -> list[str]:
+    """Lines under `prepare`'s table: EXIF-tagged images and their frames, a size mismatch."""
+    lines = []
+    exif = manifest.get("exif") or {}
+    if exif.get("tagged"):
+        by = ", ".join(f"{o}: {n}" for o, n in exif["orientations"].items())
+        lines.append(
+            f"EXIF-tagged images: {exif['tagged']} (orientation {by}); kept in the stored frame "
+            f"{exif['stored']}, turned upright {exif['upright']}, size matched neither "
+            f"{exif['size_matched_neither']} (--exif-frame {exif['rule']})"
+        )
+    mismatches = manifest.get("size_mismatch_examples") or []
+    if mismatches:
+        lines.append(f"image size mismatch, e.g. {mismatches[0]}")
+    return lines
 
 
 def detector_table(report: dict[str, Any], split: str) -> Table:
@@ -228,3 +246,13 @@ def _ablation_status(row: dict[str, Any]) -> str:
         logs = ", ".join(r["log"] for r in row["runs"] if r["status"] == "failed")
         return f"[red]failed[/] ({row['seeds_ok']}/{row['seeds']} ok; log: {logs})"
     return f"[yellow]unfinished[/] ({row['seeds_ok']}/{row['seeds']} done)"
+
+
+def recipes_table(recipes: Sequence[tuple[str, str]]) -> Table:
+    """The shipped recipes: (name, one-line description) rows."""
+    table = Table(title="Shipped recipes (use a name wherever a recipe file goes)")
+    table.add_column("name", no_wrap=True)
+    table.add_column("what it is")
+    for name, description in recipes:
+        table.add_row(escape(name), escape(description))
+    return table

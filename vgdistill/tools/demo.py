@@ -26,7 +26,7 @@ from vgdistill.training.rundir import RunDir, discard
 if TYPE_CHECKING:
     from vgdistill.data.prepare import PrepareResult
 
-DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.toml"
+DEMO_RECIPE = "demo"  # a shipped recipe name (`vgdistill recipe cp demo my.toml`)
 PREDICT_IMAGES = 4  # test images drawn with their predicted boxes
 # The demo's shapes data: the benchmark's own val/test splits, but four times its default
 # train split. Generating images is cheap and the student generalises with the images it sees.
@@ -44,6 +44,7 @@ class DemoReport:
     teacher: dict[str, Any] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
     pictures: list[str] = field(default_factory=list)
+    stopped_after: str | None = None
 
     @property
     def student(self) -> Path:
@@ -59,7 +60,7 @@ def _stage(report: DemoReport, name: str, console: Console) -> Iterator[None]:
     report.stages[name] = time.perf_counter() - start
 
 
-def demo_recipe(out: Path, recipe_path: Path, overrides: list[str]) -> Recipe:
+def demo_recipe(out: Path, recipe_path: str | Path, overrides: list[str]) -> Recipe:
     """The demo recipe with its data, detector and teacher placed under `out`.
 
     The detector stage runs when the recipe starts from `vgdistill detector` weights (its
@@ -74,82 +75,138 @@ def demo_recipe(out: Path, recipe_path: Path, overrides: list[str]) -> Recipe:
     return recipe
 
 
+# The demo's stages in order (`--stop-after` takes these names).
+STAGES = ("prepare", "detector", "teacher", "train", "evaluate", "predict")
+
+
 def run_demo(
     out: Path,
-    recipe_path: Path = DEMO_RECIPE,
+    recipe_path: str | Path = DEMO_RECIPE,
     overrides: list[str] | None = None,
     console: Console | None = None,
     progress: bool = True,
     rows: int | None = None,
     force: bool = False,
+    stop_after: str | None = None,
 ) -> DemoReport:
     """Run (or resume) the whole demo chain under `out`; returns what each stage did.
 
-    `rows` sizes the shapes data over all splits (None = DEMO_TRAIN_ROWS train rows plus the
-    generator's default val and test splits). `force` redoes every stage, replacing what an
-    earlier demo left under `out` (after an upgrade that changed the demo's settings).
+    `recipe_path` is a file or a shipped recipe name. `rows` sizes the shapes data over all
+    splits (None = DEMO_TRAIN_ROWS train rows plus the generator's default val and test
+    splits). `force` redoes every stage, replacing what an earlier demo left under `out` (after
+    an upgrade that changed the demo's settings). `stop_after` (one of STAGES) ends the chain
+    after that stage; summary.json then records the stages that ran.
     """
-    from vgdistill.evaluation.evaluate import evaluate_checkpoint
-    from vgdistill.report.tables import prepare_table, results_table
-    from vgdistill.training.detector import WEIGHTS_FILE, fit_detector
-    from vgdistill.training.teacher import fit_teacher
-
+    if stop_after is not None and stop_after not in STAGES:
+        raise VGError(f"--stop-after {stop_after!r}: choose one of {', '.join(STAGES)}")
     console = console or Console(stderr=True)
     out = Path(out)
-    recipe = demo_recipe(out, Path(recipe_path), overrides or [])
+    recipe = demo_recipe(out, recipe_path, overrides or [])
     report = DemoReport(out=out)
-
-    with _stage(report, "prepare shapes", console):
-        prepared = _prepare_shapes(recipe, rows, force, console, progress)
-        report.reused["prepare shapes"] = prepared.reused
-        console.print(prepare_table(prepared.manifest))
-
-    if Path(recipe.model.detr_checkpoint).name == WEIGHTS_FILE:
-        with _stage(report, "pretrain detector", console):
-            detector = fit_detector(
-                recipe,
-                Path(recipe.model.detr_checkpoint).parent,
-                force=force,
-                console=console,
-                progress=progress,
-            )
-            report.reused["pretrain detector"] = detector["reused"]
-            report.detector = detector["metrics"]
-
-    if recipe.distill.modality != "none":
-        with _stage(report, "fit teacher", console):
-            fit = fit_teacher(
-                recipe,
-                recipe.distill.teacher,
-                force=force,
-                console=console,
-                progress=progress,
-            )
-            report.reused["fit teacher"] = fit["reused"]
-            report.teacher = fit["metrics"]["after"]
-
-    run_dir = report.student
-    with _stage(report, "train student", console):
-        report.reused["train student"] = _train_student(recipe, run_dir, force, progress)
-
-    with _stage(report, "evaluate", console):
-        # The demo's own settings (eval.* may have changed since the student was saved);
-        # the record goes to the student's eval.json, as `vgdistill eval` writes it.
-        record = evaluate_checkpoint(
-            run_dir,
-            Path(recipe.data.path),
-            recipe.eval.splits,
-            control="shuffle",
-            batch_size=recipe.eval.batch_size,
-        )
-        assert record is not None  # the demo runs in one process
-        report.results = record["results"]
-        console.print(results_table(report.results))
-
-    with _stage(report, "predict", console):
-        report.pictures = _predict_pictures(run_dir, recipe, out / "predict")
+    chain = _Chain(recipe, report, console, progress, force)
+    stages = {
+        "prepare": lambda: chain.prepare(rows),
+        "detector": chain.detector,
+        "teacher": chain.teacher,
+        "train": chain.train,
+        "evaluate": chain.evaluate,
+        "predict": chain.predict,
+    }
+    for name in STAGES:
+        stages[name]()
+        if name == stop_after:
+            report.stopped_after = name
+            break
     write_text(out / "summary.json", json.dumps(_jsonable(report), indent=2) + "\n")
     return report
+
+
+@dataclass
+class _Chain:
+    """The demo's stages over one recipe, each recording into the report."""
+
+    recipe: Recipe
+    report: DemoReport
+    console: Console
+    progress: bool
+    force: bool
+
+    def prepare(self, rows: int | None) -> None:
+        """Generate (or reuse) the shapes data."""
+        from vgdistill.report.tables import prepare_table
+
+        with _stage(self.report, "prepare shapes", self.console):
+            prepared = _prepare_shapes(self.recipe, rows, self.force, self.console, self.progress)
+            self.report.reused["prepare shapes"] = prepared.reused
+            self.console.print(prepare_table(prepared.manifest))
+
+    def detector(self) -> None:
+        """Pretrain the visual branch as a detector, when the recipe starts from one."""
+        from vgdistill.training.detector import WEIGHTS_FILE, fit_detector
+
+        weights = Path(self.recipe.model.detr_checkpoint)
+        if weights.name != WEIGHTS_FILE:
+            return
+        with _stage(self.report, "pretrain detector", self.console):
+            detector = fit_detector(
+                self.recipe,
+                weights.parent,
+                force=self.force,
+                console=self.console,
+                progress=self.progress,
+            )
+            self.report.reused["pretrain detector"] = detector["reused"]
+            self.report.detector = detector["metrics"]
+
+    def teacher(self) -> None:
+        """Fit the CLIP teacher, when the recipe distils."""
+        from vgdistill.training.teacher import fit_teacher
+
+        if self.recipe.distill.modality == "none":
+            return
+        with _stage(self.report, "fit teacher", self.console):
+            fit = fit_teacher(
+                self.recipe,
+                self.recipe.distill.teacher,
+                force=self.force,
+                console=self.console,
+                progress=self.progress,
+            )
+            self.report.reused["fit teacher"] = fit["reused"]
+            self.report.teacher = fit["metrics"]["after"]
+
+    def train(self) -> None:
+        """Train (or resume) the student."""
+        with _stage(self.report, "train student", self.console):
+            self.report.reused["train student"] = _train_student(
+                self.recipe, self.report.student, self.force, self.progress
+            )
+
+    def evaluate(self) -> None:
+        """Evaluate the student with the shuffled-phrase control."""
+        from vgdistill.evaluation.evaluate import evaluate_checkpoint
+        from vgdistill.report.tables import results_table
+
+        with _stage(self.report, "evaluate", self.console):
+            # The demo's own settings (eval.* may have changed since the student was saved);
+            # the record goes to the student's eval.json, as `vgdistill eval` writes it.
+            record = evaluate_checkpoint(
+                self.report.student,
+                Path(self.recipe.data.path),
+                self.recipe.eval.splits,
+                control="shuffle",
+                batch_size=self.recipe.eval.batch_size,
+            )
+            assert record is not None  # the demo runs in one process
+            self.report.results = record["results"]
+            self.console.print(results_table(self.report.results))
+
+    def predict(self) -> None:
+        """Ground test phrases and draw them."""
+        with _stage(self.report, "predict", self.console):
+            self.report.pictures = _predict_pictures(
+                self.report.student, self.recipe, self.report.out / "predict"
+            )
 
 
 def _prepare_shapes(
@@ -191,18 +248,20 @@ def _train_student(recipe: Recipe, run_dir: Path, force: bool, progress: bool) -
 
 
 def _predict_pictures(run_dir: Path, recipe: Recipe, folder: Path) -> list[str]:
-    """Ground each test image's phrase with `Predictor` and save the drawn PNGs."""
+    """Ground each test image's phrase with `Grounder` and save the drawn PNGs."""
+    from vgdistill.data.image_table import ImageTable
     from vgdistill.data.prepare import load_prepared
     from vgdistill.report.draw import colour_for, draw_boxes
-    from vgdistill.tools.predict import Predictor
+    from vgdistill.tools.grounder import Grounder
 
-    predictor = Predictor(run_dir, device="cpu")
+    predictor = Grounder.from_pretrained(run_dir, device="cpu")
     split = recipe.eval.splits[-1]
     rows = load_prepared(recipe.data.path)[split].select(range(PREDICT_IMAGES))
+    images = ImageTable.of(rows)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, row in enumerate(rows):
-        image = row["image"].convert("RGB")
+        image = images.load_row(row, f"{split} row {i}")
         (box,) = predictor.predict(image, [row["expression"]])
         # Enlarge the tiny synthetic image so the label is readable next to the box.
         scale = 6
@@ -228,6 +287,7 @@ def _jsonable(report: DemoReport) -> dict[str, Any]:
         "teacher_val_retrieval": report.teacher,
         "results": report.results,
         "pictures": report.pictures,
+        "stopped_after": report.stopped_after,
     }
 
 

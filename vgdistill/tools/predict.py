@@ -1,167 +1,30 @@
-"""Ground phrases on images with a trained checkpoint: the `Predictor` API behind `predict`.
+"""What `vgdistill predict` adds to the `Grounder` API: drawing, output files, JSONL batches.
 
-The model is loaded once; every phrase of an image goes through the model in one batch. Images
-are decoded by `vgdistill.data.images.load_image` (EXIF, modes, limits as in `prepare`) and
-preprocessed by the evaluation transform, so a prediction here equals what `eval` scores.
-Boxes come back as pixel xyxy in the ORIGINAL image, clamped inside it.
+Boxes are pixel xyxy in the upright image (EXIF orientation applied), as `Grounder` returns
+them.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
 
-from vgdistill.data.images import ImageIndex, load_image
-from vgdistill.device import resolve_device, set_cuda_speed_flags
+from vgdistill.data.images import ImageIndex
 from vgdistill.errors import VGError
-
-Box = tuple[float, float, float, float]
-ImageInput = str | os.PathLike | bytes | Image.Image
-
-
-@dataclass
-class Grounding:
-    """One phrase grounded on one image."""
-
-    phrase: str
-    box: Box
-    """Pixel xyxy in the original image (continuous coordinates, 0..width / 0..height)."""
-    heat: np.ndarray | None = field(default=None, repr=False)
-    """[height, width] float32 in 0..1: where [REG] attends in the last fusion layer."""
-
-
-def check_phrases(phrases: Sequence[str], where: str = "phrase") -> list[str]:
-    """The phrases with outer spaces removed; VGError for none given or an empty one."""
-    if not phrases:
-        raise VGError(f'give at least one {where} to ground, e.g. "the red circle"')
-    out = []
-    for i, phrase in enumerate(phrases, 1):
-        if not isinstance(phrase, str):
-            raise VGError(f"{where} {i} must be text, got {type(phrase).__name__}")
-        text = " ".join(phrase.split())
-        if not text:
-            label = where if len(phrases) == 1 else f"{where} {i}"
-            raise VGError(f'{label} is empty; give the words to ground, e.g. "the red circle"')
-        out.append(text)
-    return out
-
-
-def as_rgb_image(image: ImageInput, name: str | None = None) -> Image.Image:
-    """An upright RGB PIL image from a path, encoded bytes or a PIL image."""
-    if isinstance(image, Image.Image):
-        if image.mode == "RGB":
-            return image
-        # Other modes go through the one decoder, so alpha, 16-bit etc. match `prepare`.
-        buf = io.BytesIO()
-        try:
-            image.save(buf, format="PNG")
-        except OSError:  # a mode PNG cannot hold (e.g. 32-bit float): plain conversion
-            return image.convert("RGB")
-        return load_image(buf.getvalue(), name=name or "<PIL image>")
-    return load_image(image, name=name)
-
-
-class Predictor:
-    """A checkpoint loaded once, ready to ground phrases: `Predictor(path).predict(img, [...])`."""
-
-    def __init__(self, path: str | os.PathLike, device: str | torch.device | None = None) -> None:
-        from vgdistill.data.transforms import GroundingTransform
-        from vgdistill.models.checkpoint import load_checkpoint, resolve_checkpoint
-        from vgdistill.models.factory import build_tokenizer
-
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.checkpoint = resolve_checkpoint(path)
-        self.model, self.recipe = load_checkpoint(self.checkpoint, self.device)
-        set_cuda_speed_flags(self.device)
-        self.model.eval()
-        self.tokenizer = build_tokenizer(self.recipe.model)
-        self.image_size = self.recipe.data.image_size
-        self.max_query_len = self.recipe.data.max_query_len
-        self.transform = GroundingTransform(self.image_size, augment=False)
-        self.batch_size = max(1, self.recipe.eval.batch_size)
-
-    def predict(self, image: ImageInput, phrases: Sequence[str] | str) -> list[Box]:
-        """One pixel xyxy box per phrase, in the original image's pixels."""
-        return [g.box for g in self.ground(image, phrases)]
-
-    @torch.no_grad()
-    def ground(
-        self, image: ImageInput, phrases: Sequence[str] | str, attention: bool = False
-    ) -> list[Grounding]:
-        """Ground each phrase on `image`; with attention=True each result carries a heat map."""
-        from vgdistill.data.loader import encode_phrase
-        from vgdistill.evaluation.evaluate import to_original_xyxy
-
-        if isinstance(phrases, str):
-            phrases = [phrases]
-        texts = check_phrases(list(phrases))
-        img = as_rgb_image(image)
-        t = self.transform(img, None, "")
-        results: list[Grounding] = []
-        for start in range(0, len(texts), self.batch_size):
-            chunk = texts[start : start + self.batch_size]
-            n = len(chunk)
-            encoded = [encode_phrase(self.tokenizer, p, self.max_query_len) for p in chunk]
-            ids = torch.tensor([e[0] for e in encoded], dtype=torch.int64, device=self.device)
-            mask = torch.tensor([e[1] for e in encoded], dtype=torch.int64, device=self.device)
-            image_t = t.image.to(self.device).unsqueeze(0).expand(n, -1, -1, -1)
-            mask_t = t.mask.to(self.device).unsqueeze(0).expand(n, -1, -1)
-            out = self.model(image_t, mask_t, ids, mask, return_attention=attention)
-            boxes = to_original_xyxy(
-                out.pred_boxes.float().cpu(),
-                self.image_size,
-                torch.full((n,), t.scale, dtype=torch.float32),
-                torch.tensor([t.pad], dtype=torch.float32).expand(n, 2),
-                torch.tensor([[img.width, img.height]], dtype=torch.int64).expand(n, 2),
-            )
-            for i, phrase in enumerate(chunk):
-                heat = None
-                if attention and out.attention is not None and out.feature_hw is not None:
-                    heat = attention_heat(
-                        out.attention[i].float().cpu().numpy(),
-                        out.feature_hw,
-                        self.image_size,
-                        t.scale,
-                        t.pad,
-                        img.size,
-                    )
-                x1, y1, x2, y2 = (float(v) for v in boxes[i].tolist())
-                results.append(Grounding(phrase=phrase, box=(x1, y1, x2, y2), heat=heat))
-        return results
-
-
-def attention_heat(
-    attention: np.ndarray,
-    feature_hw: tuple[int, int],
-    image_size: int,
-    scale: float,
-    pad: tuple[float, float],
-    orig_size: tuple[int, int],
-) -> np.ndarray:
-    """[REG]->visual attention over the token grid -> [H, W] heat in 0..1 on the original image.
-
-    The grid covers the padded SxS frame; it is upsampled to that frame, the part the image
-    occupies (orig = (padded - pad) / scale) is cut out and resized to the original size.
-    """
-    h, w = feature_hw
-    grid = np.asarray(attention, dtype=np.float32).reshape(h, w)
-    frame = Image.fromarray(grid, mode="F").resize((image_size, image_size), Image.BILINEAR)
-    width, height = orig_size
-    left, top = float(pad[0]), float(pad[1])
-    region = (left, top, left + width * scale, top + height * scale)
-    heat = frame.resize((width, height), Image.BILINEAR, box=region)
-    arr = np.asarray(heat, dtype=np.float32)
-    top_value = float(arr.max()) if arr.size else 0.0
-    return arr / top_value if top_value > 0 else arr
+from vgdistill.tools.grounder import (
+    Grounder,
+    Grounding,
+    InvalidText,
+    as_rgb_image,
+    check_unicode,
+    clean_phrase,
+)
 
 
 def render(
@@ -214,15 +77,46 @@ class BatchItem:
     where: str
     """'FILE line N', for messages."""
     record: dict[str, Any]
-    image: Path
-    phrase: str
+    image: Path | None
+    phrase: str | None
+    error: str | None = None
+    """Why this line gets no box (text that is not valid Unicode); the other lines go on."""
+
+
+def _read_item(n: int, where: str, raw: str, folder: Path) -> BatchItem:
+    """One non-blank line as a BatchItem; VGError for a line that stops the batch."""
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise VGError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+        raise VGError(f'{where}: expected an object like {{"image": ..., "phrase": ...}}')
+    missing = [k for k in ("image", "phrase") if k not in record]
+    if missing:
+        raise VGError(f"{where}: missing {' and '.join(map(repr, missing))}")
+    if not isinstance(record["image"], str) or not record["image"].strip():
+        raise VGError(f"{where}: 'image' must be a file path")
+    try:
+        check_unicode(record["image"], "'image'")
+        phrase = clean_phrase(record["phrase"], "'phrase'")
+    except InvalidText as e:
+        return BatchItem(n, where, record, None, None, error=f"{where}: {e}")
+    except VGError as e:
+        raise VGError(f"{where}: {e}") from None
+    image = Path(record["image"]).expanduser()
+    if not image.is_absolute() and not image.exists() and (folder / image).exists():
+        image = folder / image
+    if not image.is_file():
+        raise VGError(f"{where}: image not found: {record['image']}")
+    return BatchItem(n, where, record, image, phrase)
 
 
 def read_batch(path: Path) -> list[BatchItem]:
     """Parse a JSONL batch file ({"image": ..., "phrase": ...} per line), checking every line.
 
     Relative image paths are looked up in the current folder, then beside the batch file.
-    Any bad line raises a VGError naming its line number, before a model is loaded.
+    A bad line raises a VGError naming its line number, before a model is loaded; a line
+    whose text is not valid Unicode is kept as an item with an `error`, and the rest go on.
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -232,56 +126,46 @@ def read_batch(path: Path) -> list[BatchItem]:
         raise VGError(f"--batch expects a JSONL file, got a folder: {path}") from None
     except UnicodeDecodeError:
         raise VGError(f"--batch {path}: not UTF-8 text") from None
-    items: list[BatchItem] = []
-    for n, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        where = f"{path} line {n}"
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise VGError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise VGError(f'{where}: expected an object like {{"image": ..., "phrase": ...}}')
-        missing = [k for k in ("image", "phrase") if k not in record]
-        if missing:
-            raise VGError(f"{where}: missing {' and '.join(map(repr, missing))}")
-        if not isinstance(record["image"], str) or not record["image"].strip():
-            raise VGError(f"{where}: 'image' must be a file path")
-        try:
-            (phrase,) = check_phrases([record["phrase"]], where="'phrase'")
-        except VGError as e:
-            raise VGError(f"{where}: {e}") from None
-        image = Path(record["image"]).expanduser()
-        if not image.is_absolute() and not image.exists() and (path.parent / image).exists():
-            image = path.parent / image
-        if not image.is_file():
-            raise VGError(f"{where}: image not found: {record['image']}")
-        items.append(BatchItem(n, where, record, image, phrase))
+    items = [
+        _read_item(n, f"{path} line {n}", raw, path.parent)
+        for n, raw in enumerate(text.splitlines(), 1)
+        if raw.strip()
+    ]
     if not items:
         raise VGError(f"--batch {path} has no lines to predict")
     return items
 
 
 def predict_batch(
-    predictor: Predictor,
+    grounder: Grounder,
     items: Sequence[BatchItem],
     on_item: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One result record per item, in order: the input fields plus box, width, height, line.
+    """One result record per item, in order: the input fields plus line and box, width and
+    height (pixels of the upright image), or plus line and error for an item that has one.
 
-    Items that share an image are grounded together (the image is decoded once).
+    Items that share an image are grounded together (one decode, one visual pass).
     """
-    by_image = ImageIndex.from_ids([item.image.resolve() for item in items])
-    results: list[dict[str, Any] | None] = [None] * len(items)
-    for indices in by_image.rows_of():
-        first = items[indices[0]]
+    results: list[dict[str, Any]] = [
+        {**item.record, "line": item.line, "error": item.error} for item in items
+    ]
+    todo = [
+        (i, item.image, item.phrase)
+        for i, item in enumerate(items)
+        if item.image is not None and item.phrase is not None
+    ]
+    if on_item is not None and len(todo) < len(items):
+        on_item(len(items) - len(todo))
+    by_image = ImageIndex.from_ids([image.resolve() for _, image, _ in todo])
+    for group in by_image.rows_of():
+        _, image, _ = todo[group[0]]
         try:
-            img = load_image(first.image)
+            img = as_rgb_image(image)
         except VGError as e:
-            raise VGError(f"{first.where}: {e}") from None
-        found = predictor.ground(img, [items[i].phrase for i in indices])
-        for i, g in zip(indices, found, strict=True):
+            raise VGError(f"{items[todo[group[0]][0]].where}: {e}") from None
+        found = grounder.ground(img, [todo[k][2] for k in group])
+        for k, g in zip(group, found, strict=True):
+            i = todo[k][0]
             results[i] = {
                 **items[i].record,
                 "line": items[i].line,
@@ -289,6 +173,6 @@ def predict_batch(
                 "width": img.width,
                 "height": img.height,
             }
-            if on_item is not None:
-                on_item(1)
-    return [r for r in results if r is not None]
+        if on_item is not None:
+            on_item(len(group))
+    return results

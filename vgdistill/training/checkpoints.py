@@ -1,9 +1,14 @@
 """What makes a student run resumable: its `RunState`, the checkpoints and resumable states it
-saves, and the checks before a resume (the folder holds a run, with the same recipe)."""
+saves, and the checks before a resume (the folder holds a run, with the same recipe).
+
+Each state also holds the recipe it was trained with and a SHA-256 of every file, so a resume
+is checked against the recipe even when recipe.toml was deleted, and a damaged state is
+refused instead of resumed."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -12,8 +17,9 @@ from typing import Any
 
 from torch import nn
 
-from vgdistill.errors import VGError
-from vgdistill.recipe import Recipe, changed_keys, load_recipe
+from vgdistill.atomic import finish_files, write_text
+from vgdistill.errors import VGError, disk_full_error, is_disk_full
+from vgdistill.recipe import Recipe, changed_keys, load_recipe, to_toml
 from vgdistill.training.loop import Position
 from vgdistill.training.rundir import RunDir, discard
 
@@ -28,6 +34,10 @@ RESUMABLE_KEYS = frozenset(
         "data.num_workers",
         "eval.batch_size",
         "eval.splits",
+        "train.project",
+        # How long to train: a run, finished or not, may be continued or cut shorter.
+        "train.epochs",
+        "train.max_steps",
     }
 )
 
@@ -71,8 +81,26 @@ def recipe_changes(old: Recipe, new: Recipe) -> list[str]:
     return [k for k in changed_keys(old, new) if k not in RESUMABLE_KEYS]
 
 
+def _recorded_recipes(run: RunDir) -> list[tuple[Path, Recipe]]:
+    """The recipes the run folder records: recipe.toml, its newest state's, last/'s config."""
+    from vgdistill.models.checkpoint import CONFIG, read_config
+
+    found = []
+    states = run.states()
+    for path in [run.recipe] + ([run.state_recipe(states[-1])] if states else []):
+        if path.is_file():
+            try:
+                found.append((path, load_recipe(path)))
+            except VGError as e:
+                raise VGError(f"cannot resume: {e}") from None
+    if not found and (run.last / CONFIG).is_file():
+        found.append((run.last / CONFIG, read_config(run.last)[0]))
+    return found
+
+
 def check_folder(run: RunDir, recipe: Recipe, resume: bool) -> None:
-    """Refuse to overwrite a run without --resume, or to resume it with another recipe."""
+    """Refuse to overwrite a run without --resume, or to resume it with another recipe
+    (compared with every recipe the folder records, so deleting recipe.toml changes nothing)."""
     # A start that failed before training (e.g. a missing weight file) leaves only the
     # recipe behind: nothing to lose, so the same command may simply run again.
     existing = run.started()
@@ -80,17 +108,16 @@ def check_folder(run: RunDir, recipe: Recipe, resume: bool) -> None:
         raise VGError(
             f"{run.root} already holds a run; add --resume to continue it, or choose another --out"
         )
-    if existing and run.recipe.exists():
-        try:
-            old = load_recipe(run.recipe)
-        except VGError as e:
-            raise VGError(f"cannot resume: {e}") from None
+    if not existing:
+        return
+    for source, old in _recorded_recipes(run):
         changed = recipe_changes(old, recipe)
         if changed:
             shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
             raise RecipeMismatch(
-                f"cannot resume {run.root}: the recipe differs from its {run.recipe.name} in "
-                f"{shown}; use the same recipe and --set options, or another --out",
+                f"cannot resume {run.root}: the recipe differs from its "
+                f"{source.relative_to(run.root)} in {shown}; use the same recipe and --set "
+                "options, or another --out",
                 shown,
             )
 
@@ -116,14 +143,30 @@ class Checkpoints:
         self.save_model(student, self.run.last)
 
     def save_state(self) -> Path:
-        """Accelerate state into state/step-N, built under a dot-name and renamed when complete."""
+        """Accelerate state into state/step-N, built under a dot-name and renamed when complete
+        (with the recipe and a SHA-256 of every file); a full disk removes the partial state
+        and raises DiskFullError."""
         acc, step = self.acc, self.state.step
         final, partial = self.run.state(step), self.run.partial_state(step)
         if acc.is_main_process:
             self.run.state_root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(partial))
+        try:
+            acc.save_state(str(partial))
+            acc.wait_for_everyone()  # every process's files are in before they are summed
+            if acc.is_main_process:
+                write_text(self.run.state_recipe(partial), to_toml(self.recipe))
+                write_text(self.run.state_checksums(partial), json.dumps(_checksums(partial)))
+                finish_files(partial)
+        except Exception as e:
+            full = is_disk_full(e, partial)  # before the removal frees the space again
+            shutil.rmtree(partial, ignore_errors=True)
+            if full and not isinstance(e, VGError):
+                previous = self.run.states()
+                needed = _folder_bytes(previous[-1]) if previous else None
+                raise disk_full_error(self.run.state_root, needed) from e
+            raise
         acc.wait_for_everyone()
         if acc.is_main_process:
             if final.exists():
@@ -140,11 +183,43 @@ class Checkpoints:
         if not found:
             return False
         latest = found[-1]
+        fix = "delete that folder to resume from an older state"
+        _verify_state(self.run, latest, fix)
         try:
             self.acc.load_state(str(latest))
         except Exception as e:  # a torn or foreign folder: say which one and what to do
             raise VGError(
-                f"cannot resume from {latest}: {type(e).__name__}: {e}; delete that folder to "
-                "resume from an older state"
+                f"cannot resume from {latest}: {type(e).__name__}: {e}; {fix}"
             ) from None
         return True
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in _files(folder))
+
+
+def _checksums(state: Path) -> dict[str, str]:
+    """{path inside the state: SHA-256} of every file Accelerate wrote into `state`."""
+    from vgdistill.models.files import sha256_file
+
+    return {p.relative_to(state).as_posix(): sha256_file(p) for p in _files(state)}
+
+
+def _verify_state(run: RunDir, state: Path, fix: str) -> None:
+    """VGError when a file of `state` is missing or changed since it was saved (states saved
+    before checksums were recorded are not checked)."""
+    from vgdistill.models.files import verify_sha256
+
+    path = run.state_checksums(state)
+    if not path.is_file():
+        return
+    try:
+        sums = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise VGError(f"cannot resume from {state}: {path.name} is unreadable; {fix}") from None
+    for name, expected in sums.items():
+        verify_sha256(state / name, expected, f"cannot resume from it: {fix}")

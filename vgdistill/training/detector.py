@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from vgdistill import __version__
 from vgdistill.atomic import build_dir, exclusive, write_text
+from vgdistill.recipe.shipped import run_name
 from vgdistill.training import fitted
 
 if TYPE_CHECKING:  # torch stays out of `vgdistill --help`
@@ -52,7 +53,7 @@ def default_out(recipe: Recipe, recipe_path: str | Path) -> Path:
     checkpoint = Path(recipe.model.detr_checkpoint)
     if recipe.model.detr_checkpoint and checkpoint.name == WEIGHTS_FILE:
         return checkpoint.parent
-    return Path("runs") / f"detector-{Path(recipe_path).stem}"
+    return Path("runs") / f"detector-{run_name(recipe_path)}"
 
 
 # --------------------------------------------------------------------------- model
@@ -127,7 +128,7 @@ def fit_detector(
     settings = recipe.detector
     out = Path(out)
     key = _settings_key(recipe)
-    with exclusive(out, "another `vgdistill detector`"):
+    with exclusive(out, "another `vgdistill detector`", whole=True):
         reused = fitted.reusable_report(out, REPORT_FILE, WEIGHTS_FILE, key, "detector", force)
         if reused is not None:
             return reused

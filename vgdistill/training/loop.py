@@ -80,9 +80,16 @@ class Position:
     step: int = 0  # optimiser steps done
 
 
+# What asks a run to stop: Ctrl-C, a scheduler's SIGTERM, and SIGHUP (the terminal or the SSH
+# session closed); SIGHUP does not exist on Windows.
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
 @contextlib.contextmanager
 def stop_signals(on_signal: Callable[[], bool]) -> Iterator[None]:
-    """Turn the first Ctrl-C / SIGTERM into a call of `on_signal` (a request to stop).
+    """Turn the first Ctrl-C / SIGTERM / SIGHUP into a call of `on_signal` (a request to stop).
 
     When `on_signal` returns True (a stop was already requested), the signal interrupts at
     once. Outside the main thread signals cannot be caught, and the fit then simply runs
@@ -96,7 +103,7 @@ def stop_signals(on_signal: Callable[[], bool]) -> Iterator[None]:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         with contextlib.suppress(ValueError):  # ValueError: not the main thread
             previous[sig] = signal.signal(sig, handler)
     try:

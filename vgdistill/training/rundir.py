@@ -7,7 +7,8 @@
       train_summary.json   written last, when training finished
       eval.json            the latest `vgdistill eval` (or demo) results
       best/  last/         checkpoints: model.safetensors + config.json
-      state/step-N/        Accelerate's resumable state (optimizer, scheduler, RNG, step)
+      state/step-N/        Accelerate's resumable state (optimizer, scheduler, RNG, step),
+                           plus the recipe it was trained with and a SHA-256 of every file
       logs/                trackers (TensorBoard, W&B, ...)
 """
 
@@ -20,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from vgdistill.atomic import write_text
+from vgdistill.atomic import LOCK_INSIDE, write_text
 from vgdistill.training.metrics import METRICS_FILE
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -81,6 +82,16 @@ class RunDir:
         """The resumable state saved at optimiser step `step`."""
         return self.state_root / f"step-{step}"
 
+    @staticmethod
+    def state_recipe(state: Path) -> Path:
+        """The recipe a resumable state was trained with (inside the state folder)."""
+        return state / "recipe.toml"
+
+    @staticmethod
+    def state_checksums(state: Path) -> Path:
+        """The SHA-256 of every file of a resumable state (inside the state folder)."""
+        return state / "checksums.json"
+
     def partial_state(self, step: int) -> Path:
         """Where the state of `step` is built before it is renamed into place."""
         return self.state_root / f".step-{step}.partial"
@@ -108,7 +119,8 @@ class RunDir:
         training leaves only that, and the same command may then simply run again)."""
         if not self.root.is_dir():
             return bool(self.states())
-        return any(p != self.recipe for p in self.root.iterdir()) or bool(self.states())
+        ignored = {self.recipe.name, LOCK_INSIDE}
+        return any(p.name not in ignored for p in self.root.iterdir()) or bool(self.states())
 
     def checkpoint(self) -> Path | None:
         """The checkpoint that eval and predict use: best/, else last/; None if neither."""

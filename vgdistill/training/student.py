@@ -28,7 +28,8 @@ from torch import nn
 from vgdistill.atomic import exclusive, write_text
 from vgdistill.errors import VGError
 from vgdistill.losses.distillation import DistillationTask
-from vgdistill.recipe import Recipe, flat_keys, to_toml
+from vgdistill.recipe import Recipe, to_toml
+from vgdistill.recipe.checks import check_start_files
 from vgdistill.training.checkpoints import (
     Checkpoints,
     RecipeMismatch,
@@ -39,37 +40,16 @@ from vgdistill.training.checkpoints import (
 from vgdistill.training.loop import FitLoop, stop_signals
 from vgdistill.training.metrics import MetricsLog
 from vgdistill.training.rundir import RunDir
-from vgdistill.training.student_data import cached_rows, prewarm_text_cache, seeded_loader
+from vgdistill.training.student_data import (
+    cached_rows,
+    prewarm_text_cache,
+    seeded_loader,
+    warn_large_batch,
+)
 from vgdistill.training.student_hooks import StudentHooks
+from vgdistill.training.trackers import check_trackers, start_trackers
 
 log = logging.getLogger("vgdistill")
-
-
-def _check_trackers(names: list[str]) -> None:
-    from accelerate.utils import LoggerType
-
-    valid = {t.value for t in LoggerType}
-    for name in names:
-        if name not in valid:
-            raise VGError(
-                f"train.trackers: unknown tracker {name!r}; valid: {', '.join(sorted(valid))}"
-            )
-        if name == "tensorboard":
-            from accelerate.utils import is_tensorboard_available
-
-            if not is_tensorboard_available():
-                raise VGError(
-                    "train.trackers has 'tensorboard' but it is not installed: "
-                    "pip install tensorboard (or remove it from train.trackers)"
-                )
-
-
-def _tracker_config(recipe: Recipe) -> dict[str, Any]:
-    """The recipe flattened to scalars (TensorBoard hparams accept no lists or dicts)."""
-    return {
-        k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
-        for k, v in flat_keys(recipe.to_dict()).items()
-    }
 
 
 class Trainer:
@@ -101,22 +81,29 @@ class Trainer:
     # -- setup ----------------------------------------------------------------------------
 
     def _make_accelerator(self) -> Any:
-        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+        from accelerate.utils import (
+            DataLoaderConfiguration,
+            DistributedDataParallelKwargs,
+            ProjectConfiguration,
+        )
 
-        from vgdistill.device import make_accelerator
+        from vgdistill.device import make_accelerator, resolve_precision
 
         t = self.recipe.train
         if t.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise VGError(
                 "train.mixed_precision = 'fp16' needs a GPU; use 'bf16' or 'no' on the CPU"
             )
-        _check_trackers(t.trackers)
+        check_trackers(t.trackers)
+        self.precision, self.precision_why = resolve_precision(t.mixed_precision)
         return make_accelerator(
-            t.mixed_precision,
+            self.precision,
             gradient_accumulation_steps=t.grad_accum,
             log_with=list(t.trackers) or None,
             # Trackers write under the run's logs/ (TensorBoard: tensorboard --logdir runs).
-            project_dir=str(self.out),
+            project_config=ProjectConfiguration(
+                project_dir=str(self.out), logging_dir=str(self.run_dir.logs)
+            ),
             dataloader_config=DataLoaderConfiguration(
                 use_seedable_sampler=True,
                 data_seed=t.seed,
@@ -132,7 +119,8 @@ class Trainer:
         from vgdistill.data.loader import build_loader
         from vgdistill.device import set_cuda_speed_flags
         from vgdistill.evaluation.evaluate import load_splits
-        from vgdistill.models.factory import build_model, build_tokenizer
+        from vgdistill.models.factory import build_tokenizer
+        from vgdistill.training.init_from import build_student
         from vgdistill.training.optim import build_optimizer, build_scheduler
 
         r, acc = self.recipe, self.acc
@@ -145,9 +133,11 @@ class Trainer:
             self.data = load_splits(r.data.path, splits)
         self.tokenizer = build_tokenizer(r.model)
 
+        if acc.is_main_process:
+            warn_large_batch(r, len(self.data[r.data.train_split]), acc.num_processes)
         # Same seed on every process for the initial weights (DDP also broadcasts them).
         set_seed(t.seed)
-        student = build_model(r, load_weights=True)
+        student = build_student(r, log_counts=acc.is_main_process)
         teacher = None
         if r.distill.modality != "none":
             from vgdistill.models.teacher import Teacher
@@ -216,45 +206,89 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train to the end (or resume); returns the run summary."""
+        if not self.recipe.model.init_from:  # init_from replaces the DETR start
+            check_start_files(self.recipe)  # a missing DETR start stops before anything is written
         self.acc = self._make_accelerator()
         acc = self.acc
         with contextlib.ExitStack() as stack:
             if acc.is_main_process:  # one writer per run folder
-                stack.enter_context(exclusive(self.out, "another training process"))
+                state = (self.run_dir.state_root.name,)  # its killed saves' leftovers go too
+                what = "another training process"
+                stack.enter_context(exclusive(self.out, what, subfolders=state))
             check_folder(self.run_dir, self.recipe, self.resume)
             summary = self.run_dir.read_summary() if self.resume else None
             acc.wait_for_everyone()  # every process has looked before anything is written
             if summary and summary.get("finished"):
-                if acc.is_main_process:
-                    log.info("%s: already finished (step %s)", self.out, summary.get("step"))
-                return summary
+                if not self._continues(summary):
+                    if acc.is_main_process:
+                        log.info("%s: already finished (step %s)", self.out, summary.get("step"))
+                    return summary
+                if acc.is_main_process:  # it no longer describes the run
+                    self.run_dir.summary.unlink(missing_ok=True)
             if acc.is_main_process:
                 self.out.mkdir(parents=True, exist_ok=True)
                 write_text(self.run_dir.recipe, to_toml(self.recipe))
             acc.wait_for_everyone()
             return self._run()
 
+    def _continues(self, summary: dict[str, Any]) -> bool:
+        """Whether a finished run's --resume trains on: the recipe asks for more steps."""
+        t, done = self.recipe.train, int(summary.get("step") or 0)
+        per_epoch = summary.get("steps_per_epoch")
+        if not per_epoch and summary.get("epochs"):  # a summary written before it was kept
+            per_epoch = round(done / summary["epochs"])
+        wanted = t.max_steps if t.max_steps > 0 else t.epochs * int(per_epoch or 0)
+        if wanted and wanted < done:
+            raise VGError(
+                f"{self.out} already trained {done} steps and the recipe asks for {wanted}; "
+                "raise train.epochs (or train.max_steps) to continue it"
+            )
+        return wanted > done
+
+    def _position(self, resumed: bool) -> str:
+        """How this run starts, for the start line; checks a resumed run can reach its end."""
+        st = self.state
+        if not resumed:
+            return "starting"
+        if st.step > self.total_steps:
+            raise VGError(
+                f"{self.out} is at step {st.step} but the recipe asks for {self.total_steps} "
+                "steps; raise train.epochs (or train.max_steps)"
+            )
+        if not st.finished:
+            return f"resuming at step {st.step}"
+        st.finished = False
+        if self.recipe.train.scheduler in ("cosine", "poly") and self.acc.is_main_process:
+            log.warning(
+                "train.scheduler = %r now spans %d steps: from step %d the lr follows the "
+                "longer schedule, above where the run ended",
+                self.recipe.train.scheduler,
+                self.total_steps,
+                st.step,
+            )
+        return f"continuing the finished run from step {st.step}"
+
     def _run(self) -> dict[str, Any]:
         acc, r = self.acc, self.recipe
         t = r.train
         self._build()
         resumed = self.resume and self.checkpoints.load_latest()
+        how = self._position(resumed)
         self.metrics = MetricsLog(self.run_dir.metrics, acc.is_main_process)
         if self.resume:
             self.metrics.truncate_after(self.state.step if resumed else -1)
-        if t.trackers:
-            acc.init_trackers(self.run_dir.logs.name, config=_tracker_config(r))
+        start_trackers(acc, r, self.out.resolve().name, self.run_dir.logs)
         if acc.is_main_process:
-            how = f"resuming at step {self.state.step}" if resumed else "starting"
             log.info(
-                "%s: %s; %d steps (%d per epoch), %d process(es), device %s, precision %s",
+                "%s: %s; %d steps (%d per epoch), %d process(es), device %s, precision %s (%s)",
                 self.out,
                 how,
                 self.total_steps,
                 self.steps_per_epoch,
                 acc.num_processes,
                 acc.device,
-                t.mixed_precision,
+                self.precision,
+                self.precision_why,
             )
         progress = self._progress()
         task = progress.add_task(
@@ -264,7 +298,7 @@ class Trainer:
             epoch=f"{self.state.epoch + 1}/{self.n_epochs}",
             info="",
         )
-        self.hooks = StudentHooks(self, progress, task)
+        self.hooks = StudentHooks(self, progress, task, plain=self._plain_lines(progress))
         loop = FitLoop(
             lambda batch: self.module(batch, self.frozen_teacher),
             self.optimizer,
@@ -301,8 +335,14 @@ class Trainer:
             TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(),
             console=Console(stderr=True),
-            disable=not (self.show_progress and self.acc.is_local_main_process),
+            # Not on a terminal (a batch job's log file), plain log lines replace the bar.
+            disable=not (self.show_progress and self.acc.is_local_main_process)
+            or not Console(stderr=True).is_interactive,
         )
+
+    def _plain_lines(self, progress: Any) -> bool:
+        """Whether the main process logs a plain line per window: when no live bar shows."""
+        return self.acc.is_main_process and progress.disable
 
     def _finish(self) -> dict[str, Any]:
         from vgdistill.report.curves import plot_curves
@@ -319,6 +359,7 @@ class Trainer:
             "finished": True,
             "step": st.step,
             "epochs": round(st.step / self.steps_per_epoch, 4),
+            "steps_per_epoch": self.steps_per_epoch,
             "processes": acc.num_processes,
             "best": {"acc50": st.best_acc50, "step": st.best_step},
             "val": hooks.last_eval,

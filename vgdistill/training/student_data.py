@@ -38,6 +38,21 @@ def prewarm_text_cache(teacher: Any, recipe: Recipe, train_split: Any) -> None:
         teacher.encode(None, ordered[i : i + chunk], want_image=False, want_text=True)
 
 
+def warn_large_batch(recipe: Recipe, rows: int, processes: int) -> None:
+    """Warn when a step asks for more rows than the training split holds (call it once)."""
+    t = recipe.train
+    if t.batch_size * processes > rows:
+        log.warning(
+            "train.batch_size %d x %d process(es) is more than the %d rows of the %r split: "
+            "every step takes at most %d rows per process",
+            t.batch_size,
+            processes,
+            rows,
+            recipe.data.train_split,
+            -(-rows // processes),
+        )
+
+
 def cached_rows(
     recipe: Recipe,
     dataset: Any,

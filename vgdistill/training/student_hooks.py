@@ -3,6 +3,7 @@ validation, checkpoints and stop requests (the fit loop's hooks for `Trainer`)."
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from collections.abc import Iterable
@@ -31,9 +32,13 @@ SHORT_PARTS = {
 class StudentHooks(Hooks):
     """The student's side of the fit loop; reads and updates its `Trainer`."""
 
-    def __init__(self, trainer: Trainer, progress: Any, task: Any) -> None:
+    def __init__(self, trainer: Trainer, progress: Any, task: Any, plain: bool = False) -> None:
         self.tr = trainer
         self.progress, self.task = progress, task
+        # plain: log a line per window (a batch job's log file has no live bar).
+        self.plain = plain
+        self.started = time.perf_counter()  # for the ETA: the steps of this process so far
+        self.start_step = trainer.state.step
         self.window = Window(trainer.acc.device)
         self.run_images = 0.0
         self.run_seconds = 0.0
@@ -138,9 +143,27 @@ class StudentHooks(Hooks):
             step=st.step,
         )
         bits = " ".join(f"{SHORT_PARTS.get(k, k)} {v:.3f}" for k, v in parts.items())
-        self.progress.update(
-            self.task, info=f"loss {info['loss']:.4f} ({bits}) lr {lr:.2e} {ips:.0f} img/s"
-        )
+        text = f"loss {info['loss']:.4f} ({bits}) lr {lr:.2e} {ips:.0f} img/s"
+        self.progress.update(self.task, info=text)
+        if self.plain:
+            log.info(
+                "step %d/%d epoch %.2f/%d %s ETA %s",
+                st.step,
+                tr.total_steps,
+                record["epoch"],
+                tr.n_epochs,
+                text,
+                self._eta(),
+            )
+
+    def _eta(self) -> str:
+        """Time left at this process's pace so far (validation and saves included), h:mm:ss."""
+        st, total = self.tr.state, self.tr.total_steps
+        done = st.step - self.start_step
+        if done <= 0:
+            return "?"
+        left = (time.perf_counter() - self.started) / done * max(0, total - st.step)
+        return str(datetime.timedelta(seconds=round(left)))
 
     def _interrupt(self) -> None:
         """Save a resumable state at this step boundary and stop (exit code 130)."""
@@ -192,6 +215,10 @@ class StudentHooks(Hooks):
             }
         )
         tr.acc.log({f"{split}/acc50": res["acc50"], f"{split}/miou": res["miou"]}, step=st.step)
+        if tr.acc.is_main_process:  # a job's curves can be looked at while it runs
+            from vgdistill.report.curves import plot_curves
+
+            plot_curves(tr.run_dir.metrics, tr.run_dir.curves)
         improved = res["acc50"] > st.best_acc50
         if improved:
             st.best_acc50 = res["acc50"]

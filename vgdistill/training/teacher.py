@@ -36,6 +36,7 @@ from vgdistill.models.clip_source import (
     resolve_source,
     write_local_dir,
 )
+from vgdistill.recipe.shipped import run_name
 from vgdistill.training import fitted
 
 if TYPE_CHECKING:  # torch stays out of `vgdistill --help`
@@ -54,7 +55,7 @@ def default_out(recipe: Recipe, recipe_path: str | Path) -> Path:
     recipe's training finds it), else runs/teacher-<recipe name>."""
     if not is_model_name(recipe.distill.teacher):
         return Path(recipe.distill.teacher)
-    return Path("runs") / f"teacher-{Path(recipe_path).stem}"
+    return Path("runs") / f"teacher-{run_name(recipe_path)}"
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -122,7 +123,7 @@ def fit_teacher(
         raise VGError(f"--init and --out are the same folder ({out}); write the teacher elsewhere")
     key = _settings_key(recipe, source)
 
-    with exclusive(out, "another `vgdistill teacher`"):
+    with exclusive(out, "another `vgdistill teacher`", whole=True):
         reused = fitted.reusable_report(
             out, REPORT_FILE, WEIGHTS_FILE, key, "teacher", force, marker=CONFIG_FILE
         )

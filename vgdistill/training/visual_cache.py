@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vgdistill.data.images import ImageIndex, load_row_image
+from vgdistill.data.image_table import ImageTable
+from vgdistill.data.images import ImageIndex
 from vgdistill.data.loader import encode_phrase, sample_seed
 from vgdistill.data.transforms import FLIP_PROB, GroundingTransform, swap_left_right
 
@@ -52,6 +53,8 @@ def cache_blocker(recipe: Recipe) -> str | None:
         return f"data.augment_ops {random_ops} change the pixels at random"
     if recipe.distill.teacher_trainable and recipe.distill.modality in ("both", "image"):
         return "the teacher is trained (distill.teacher_trainable)"
+    if recipe.distill.position == "cnn" and recipe.distill.modality in ("both", "image"):
+        return "image distillation at distill.position = cnn reads the CNN map, not the tokens"
     return None
 
 
@@ -141,7 +144,7 @@ def _encode(
     tokens, pad, _ = student.visual(image, mask)
     emb = None
     if teacher is not None:
-        emb, _ = teacher.encode(image, None, want_image=True, want_text=False)
+        emb, _ = teacher.encode(image, None, image_mask=mask, want_image=True, want_text=False)
     return tokens.float().cpu(), pad.cpu(), None if emb is None else emb.float().cpu()
 
 
@@ -252,6 +255,7 @@ def _encode_share(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     flips = transform.fixed_flips() or ()
+    images = ImageTable.of(data)
     own_sizes = torch.empty((len(mine), 2), dtype=torch.int64)  # (width, height)
     parts: dict[str, list[Tensor]] = {"tokens": [], "pad": [], "teacher": []}
     pending: tuple[list[Tensor], list[Tensor]] = ([], [])
@@ -278,7 +282,7 @@ def _encode_share(
         for n, k in enumerate(mine):
             row = data[index.first_row[k]]
             name = f"{row.get('source', 'dataset')} image {row['image_id']}"
-            img = load_row_image(row, name)
+            img = images.load_row(row, name)
             own_sizes[n] = torch.tensor((img.width, img.height))
             for flipped in flips:
                 out = transform.fixed(img, [0.0, 0.0, img.width, img.height], "", flipped)

@@ -74,7 +74,7 @@ def _transvg_only_rows(dataset: str, args: SourceArgs) -> Iterator[RawRow]:
     return transvg_rows(dataset, args)
 
 
-_COCO_OPTIONS = ("root", "images", "split_by", "format", "splits")
+_COCO_OPTIONS = ("root", "images", "split_by", "format", "splits", "exif_frame")
 
 
 def _coco_source(name: str, split_by: str) -> Source:
@@ -98,7 +98,7 @@ def _transvg_source(name: str, folder: str, images: str, images_example: str) ->
         name=name,
         expects=f"TransVG split files (--root with {folder}/{folder}_<split>.pth); "
         f"--images = {images}",
-        options=("root", "images", "splits"),
+        options=("root", "images", "splits", "exif_frame"),
         inputs=partial(_transvg_only_inputs, name),
         rows=partial(_transvg_only_rows, name),
         example=f"vgdistill prepare {name} --root data/splits --images {images_example} "
@@ -118,7 +118,7 @@ SOURCES: dict[str, Source] = {
         name="hf-refcoco",
         expects="a local Hugging Face dump (--root = parquet file/folder or save_to_disk folder) "
         "in the lmms-lab/RefCOCO or jxu124/refcoco layout; jxu124 needs --images = COCO root",
-        options=("root", "images", "splits"),
+        options=("root", "images", "splits", "exif_frame"),
         inputs=hf_inputs,
         rows=hf_rows,
         example="vgdistill prepare hf-refcoco --root hf/lmms-lab-RefCOCO --out data/refcoco-hf",

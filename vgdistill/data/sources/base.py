@@ -9,15 +9,21 @@ from pathlib import Path
 
 from vgdistill.errors import VGError
 
+# Which frame prepare keeps an EXIF-tagged image in (data/exif.py choose_frame).
+EXIF_FRAMES = ("auto", "stored", "upright")
+
 
 @dataclass
 class RawRow:
     """One expression as a source reads it, before cleaning.
 
     `image` is a file path (str) or encoded image bytes; `bbox_xyxy` is absolute pixels in the
-    upright image (sources convert xywh to xyxy, nothing else). `objects` lists every annotated
-    object of the image as (category, box xyxy) when the source knows them (`vgdistill
-    detector` trains on them); sources without such annotations leave it empty.
+    frame the annotation was made in (sources convert xywh to xyxy, nothing else).
+    `image_size` is the (width, height) the source gives for that image, if it gives one:
+    prepare keeps the image in the frame (stored or EXIF-upright pixels) of that size.
+    `objects` lists every annotated object of the image as (category, box xyxy) when the source
+    knows them (`vgdistill detector` trains on them); sources without such annotations leave it
+    empty.
     """
 
     image: str | bytes
@@ -27,6 +33,7 @@ class RawRow:
     ref_id: str
     split: str
     objects: tuple[tuple[str, tuple[float, float, float, float]], ...] = ()
+    image_size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -43,6 +50,14 @@ class SourceArgs:
     split_rows: dict[str, int] | None = None
     image_size: int = 64
     train_mix: str = "natural"
+    exif_frame: str = "auto"
+
+    def __post_init__(self) -> None:
+        # Checked here, before anything is read (exif.choose_frame applies it).
+        if self.exif_frame not in EXIF_FRAMES:
+            raise VGError(
+                f"--exif-frame must be one of {', '.join(EXIF_FRAMES)}, got {self.exif_frame!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,17 @@ class Source:
     rows: Callable[[SourceArgs], Iterator[RawRow]]
     example: str = ""
     notes: list[str] = field(default_factory=list)
+
+
+def annotated_size(width: object, height: object) -> tuple[int, int] | None:
+    """(width, height) as ints when both are positive whole numbers, else None (size unknown)."""
+    try:
+        w, h = float(width), float(height)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if not (w > 0 and h > 0 and w.is_integer() and h.is_integer()):
+        return None
+    return int(w), int(h)
 
 
 def xywh_to_xyxy(box: object, what: str) -> tuple[float, float, float, float]:

@@ -5,6 +5,8 @@ Two column layouts are recognised from the columns themselves:
                     file_name; splits val/test/testA/testB come from the file or folder names.
   jxu124/refcoco:   ref_id, image_id, split, sentences[{raw, sent, ...}], image_path, bbox (xyxy);
                     no pixels: images are read from a COCO root given with --images.
+The image size the boxes were drawn on comes from `width` / `height` columns when a dump has
+them, else from jxu124's raw_image_info (COCO's image entry); prepare keeps that frame.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 from vgdistill.data.sources.base import (
     RawRow,
     SourceArgs,
+    annotated_size,
     four_floats,
     normalise_split,
     want_split,
@@ -170,6 +173,21 @@ class _CocoResolver:
         return str(found)
 
 
+def _row_size(batch: dict[str, list[Any]], i: int) -> tuple[int, int] | None:
+    """The (width, height) a row gives for its image: width/height columns, else raw_image_info."""
+    if "width" in batch and "height" in batch:
+        return annotated_size(batch["width"][i], batch["height"][i])
+    info = batch.get("raw_image_info", [None] * (i + 1))[i]
+    if isinstance(info, str) and info:
+        try:
+            info = json.loads(info)
+        except json.JSONDecodeError:
+            return None
+    if isinstance(info, dict):
+        return annotated_size(info.get("width"), info.get("height"))
+    return None
+
+
 def _sentences(batch: dict[str, list[Any]], i: int) -> list[str]:
     sents = batch.get("sentences", [None] * (i + 1))[i]
     if sents:
@@ -232,4 +250,5 @@ def hf_rows(args: SourceArgs) -> Iterator[RawRow]:
                     image_id=image_id,
                     ref_id=ref_id,
                     split=split,
+                    image_size=_row_size(batch, i),
                 )

@@ -19,6 +19,7 @@ from typing import Any
 from vgdistill.data.sources.base import (
     RawRow,
     SourceArgs,
+    annotated_size,
     normalise_split,
     want_split,
     xywh_to_xyxy,
@@ -178,7 +179,10 @@ def refer_rows(dataset: str, args: SourceArgs) -> Iterator[RawRow]:
     if not isinstance(instances, dict) or "annotations" not in instances:
         raise VGError(f"{inst_path}: expected COCO instances with an 'annotations' list")
     anns = {a["id"]: a for a in instances["annotations"]}
-    files = {im["id"]: im.get("file_name") for im in instances.get("images", [])}
+    images = instances.get("images", [])
+    files = {im["id"]: im.get("file_name") for im in images}
+    # The size COCO gives is the frame its boxes were drawn in (prepare keeps that frame).
+    sizes = {im["id"]: annotated_size(im.get("width"), im.get("height")) for im in images}
     for ref in refs:
         split = normalise_split(ref["split"], str(refs_path))
         if not want_split(split, args):
@@ -200,4 +204,5 @@ def refer_rows(dataset: str, args: SourceArgs) -> Iterator[RawRow]:
                 image_id=str(ref["image_id"]),
                 ref_id=str(ref["ref_id"]),
                 split=split,
+                image_size=sizes.get(ref["image_id"]),
             )

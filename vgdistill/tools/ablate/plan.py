@@ -77,12 +77,13 @@ class Factor:
 FACTORS: dict[str, Factor] = {
     f.label: f
     for f in (
-        Factor("position", "--distill-pos", "distill.position", "fusion, linear, backbone"),
+        Factor("position", "--distill-pos", "distill.position", "fusion, linear, backbone, cnn"),
         Factor("loss", "--loss", "distill.loss", "cosine, l1, mse"),
         Factor("modality", "--modality", "distill.modality", "both, image, text, none"),
         Factor("teacher", "--teacher", "distill.teacher_trainable", "frozen, trainable"),
         Factor("alpha", "--alpha", "distill.alpha", "image distillation weight"),
         Factor("beta", "--beta", "distill.beta", "text distillation weight"),
+        Factor("view", "--teacher-view", "distill.teacher_view", "padded, image"),
     )
 }
 
@@ -215,7 +216,8 @@ def check_variants(recipe_path: Path, overrides: list[str], variants: list[Varia
 
 def idle_changes(variant: Variant, base: Recipe) -> list[str]:
     """The variant's changed keys that cannot matter for its modality (e.g. any distillation
-    setting when distill.modality = none, alpha when only text is distilled)."""
+    setting when distill.modality = none, alpha or the teacher's view when only text is
+    distilled)."""
     modality = variant.changes.get("distill.modality", base.distill.modality)
     idle = []
     for key in variant.changes:
@@ -223,7 +225,7 @@ def idle_changes(variant: Variant, base: Recipe) -> list[str]:
             continue
         if (
             modality == "none"
-            or (key == "distill.alpha" and modality == "text")
+            or (key in ("distill.alpha", "distill.teacher_view") and modality == "text")
             or (key == "distill.beta" and modality == "image")
         ):
             idle.append(key)

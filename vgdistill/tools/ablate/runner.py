@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vgdistill.errors import VGError
 from vgdistill.tools.ablate.plan import Run, Variant
 
 
@@ -63,13 +65,53 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_child(args: list[str], log: Path) -> int:
-    """Run `python -m vgdistill ARGS` with its output appended to `log`; its exit code.
+def launcher(launch: str | None) -> list[str]:
+    """The command each run's `-m vgdistill ...` follows: this Python, or the words of a
+    --launch command line such as 'accelerate launch --num_processes 8' (checked now, so a
+    typo fails before any run starts)."""
+    if launch is None:
+        return [sys.executable]
+    try:
+        words = shlex.split(launch)
+    except ValueError as e:
+        raise VGError(f"--launch {launch!r}: {e}") from None
+    if not words:
+        raise VGError("--launch is empty; give a command such as 'accelerate launch'")
+    if shutil.which(words[0]) is None:
+        raise VGError(f"--launch: {words[0]} is not a command on PATH nor a runnable file")
+    return words
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'2/4' -> (2, 4): this process runs the 2nd of every 4 runs; None -> None (all)."""
+    if text is None:
+        return None
+    index, _, count = text.partition("/")
+    if not (index.strip().isdigit() and count.strip().isdigit()):
+        raise VGError(f"--shard takes I/N, e.g. 1/4, got {text!r}")
+    i, n = int(index), int(count)
+    if not 1 <= i <= n:
+        raise VGError(f"--shard {text}: I must be between 1 and N")
+    return i, n
+
+
+def shard_runs(variants: list[Variant], shard: tuple[int, int] | None) -> list[tuple[Variant, Run]]:
+    """Every (variant, run) in plan order, or only shard I of N's: runs I, I+N, I+2N, ..."""
+    pairs = [(variant, run) for variant in variants for run in variant.runs]
+    if shard is None:
+        return pairs
+    index, count = shard
+    return pairs[index - 1 :: count]
+
+
+def run_child(args: list[str], log: Path, launch: list[str] | None = None) -> int:
+    """Run `python -m vgdistill ARGS` (or `LAUNCH -m vgdistill ARGS`) with its output appended
+    to `log`; its exit code.
 
     Ctrl-C reaches the child too (same process group): the trainer saves a resumable state,
     and we wait for it. A SIGTERM to this process is passed on as one stop request.
     """
-    cmd = [sys.executable, "-m", "vgdistill", *args]
+    cmd = [*(launch or [sys.executable]), "-m", "vgdistill", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": os.environ.get("COLUMNS", "120")}
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as fh:
@@ -119,8 +161,10 @@ def run_one(
     variant: Variant,
     run: Run,
     verbose: bool = False,
+    launch: list[str] | None = None,
 ) -> RunOutcome:
-    """Train (resuming whatever is there) and evaluate one run folder in child processes."""
+    """Train (resuming whatever is there) and evaluate one run folder in child processes,
+    each started by `launch` (default: this Python)."""
     if run.status() == "done":
         return RunOutcome("skipped")
     start = time.monotonic()
@@ -131,13 +175,13 @@ def run_one(
     for item in sets:
         train_args += ["--set", item]
     with _sigterm_raises():
-        rc = run_child(train_args, run.log)
+        rc = run_child(train_args, run.log, launch)
         if rc != 0:
             return RunOutcome(
                 "failed", time.monotonic() - start, f"train exited {rc}: {_last_error(run.log)}"
             )
         eval_args = [*flags, "eval", str(run.dir), "--json", str(run.folder.eval)]
-        rc = run_child(eval_args, run.log)
+        rc = run_child(eval_args, run.log, launch)
     if rc != 0 or run.results() is None:
         return RunOutcome(
             "failed", time.monotonic() - start, f"eval exited {rc}: {_last_error(run.log)}"
@@ -152,18 +196,20 @@ def run_all(
     outcomes: dict[str, RunOutcome],
     on_event: Callable[[str, Variant, Run, RunOutcome | None], None] | None = None,
     verbose: bool = False,
+    launch: list[str] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, RunOutcome]:
-    """Run every (variant, seed) in order, filling `outcomes` (keyed by run folder) as it goes.
+    """Run every (variant, seed) in order (or shard I of N's share), filling `outcomes` (keyed
+    by run folder) as it goes; each child starts under `launch` (default: this Python).
 
     A failed run is recorded and the next one starts. `Interrupted` propagates once the
     running child has stopped; `outcomes` then holds every run that ended before it.
     """
-    for variant in variants:
-        for run in variant.runs:
-            if on_event:
-                on_event("start", variant, run, None)
-            outcome = run_one(recipe_path, overrides, variant, run, verbose)
-            outcomes[str(run.dir)] = outcome
-            if on_event:
-                on_event("end", variant, run, outcome)
+    for variant, run in shard_runs(variants, shard):
+        if on_event:
+            on_event("start", variant, run, None)
+        outcome = run_one(recipe_path, overrides, variant, run, verbose, launch)
+        outcomes[str(run.dir)] = outcome
+        if on_event:
+            on_event("end", variant, run, outcome)
     return outcomes

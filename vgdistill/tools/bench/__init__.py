@@ -17,12 +17,18 @@ no TF32 / cuDNN autotuning, teacher in fp32 without its phrase cache) run interl
 window in one process, so their ratio holds on a noisy, shared machine. With `each=True`
 every speed feature is also switched off alone, which gives its own before/after figure.
 
+With a prepared dataset (`data_path`, `vgdistill bench --data PATH`) bench measures that
+dataset instead: the training loader per core with uint8 images against normalising in the
+loader, and evaluation with one visual pass per image against one per expression (`dataset`).
+
 Modules: `fastpath` (the switches), `synthetic` (batches, phrases, a prepared split), `rig`
-(models, steps, FLOPs), `timing` (windows, memory, data pipeline), `targets` (GPU targets).
+(models, steps, FLOPs), `timing` (windows, memory, data pipeline), `targets` (GPU targets),
+`dataset` (a real prepared dataset).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -67,6 +73,10 @@ class BenchOptions:
     """torch intra-op threads (CPU); None = leave torch's default."""
     seed: int = 0
     """Seed of the random weights and synthetic data."""
+    data_path: str | None = None
+    """A prepared dataset: measure the loader and evaluation on it (`dataset`) instead."""
+    eval_rows: int = 256
+    """With data_path: evaluate the first images of the split up to this many rows."""
 
 
 def bench_file(
@@ -86,9 +96,9 @@ def bench_file(
 
 def _check_counts(opts: BenchOptions) -> None:
     """One-line errors for step counts that cannot be measured."""
-    for name in ("steps", "repeats"):
+    for name in ("steps", "repeats", "eval_rows"):
         if getattr(opts, name) < 1:
-            raise VGError(f"--{name} must be >= 1")
+            raise VGError(f"--{name.replace('_', '-')} must be >= 1")
     if opts.warmup < 0:
         raise VGError("--warmup must be >= 0")
 
@@ -143,8 +153,9 @@ def run_bench(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure `recipe` (see the module docstring); returns the JSON-ready result."""
-    from vgdistill.device import resolve_device
+    from vgdistill.device import resolve_device, resolve_precision
     from vgdistill.models.factory import build_tokenizer
+    from vgdistill.tools.bench.dataset import measure_dataset
     from vgdistill.tools.bench.figures import model_figures
     from vgdistill.tools.bench.rig import Rig, bench_recipe
     from vgdistill.tools.bench.targets import compare_targets
@@ -158,8 +169,18 @@ def run_bench(
         torch.set_num_threads(opts.threads)
     recipe = bench_recipe(recipe)
     batch, eval_batch = _batches(recipe, opts, device)
+    # What training would run at here ("auto" asks Accelerate, else bf16 on a GPU).
+    precision, _ = resolve_precision(recipe.train.mixed_precision, cuda=device.type == "cuda")
+    recipe = dataclasses.replace(
+        recipe, train=dataclasses.replace(recipe.train, mixed_precision=precision)
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = _header(recipe, device, batch, eval_batch, opts)
+    if opts.data_path is not None:
+        tokenizer = build_tokenizer(recipe.model)
+        result["dataset"] = measure_dataset(recipe, tokenizer, device, opts, say)
+        result["load_average_end"] = load_average()
+        return result
     if opts.data:
         say("data pipeline")
         result["data"] = measure_data(recipe, build_tokenizer(recipe.model), batch, opts, device)

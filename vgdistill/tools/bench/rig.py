@@ -46,9 +46,15 @@ class ConstantTargets:
         self.img, self.txt = img, txt
 
     def encode(
-        self, image: Any, phrases: Any, *, want_image: bool = True, want_text: bool = True
+        self,
+        image: Any,
+        phrases: Any,
+        *,
+        image_mask: Any = None,
+        want_image: bool = True,
+        want_text: bool = True,
     ) -> tuple[Tensor | None, Tensor | None]:
-        """The fixed targets (shape [B,E]) for the modalities asked for."""
+        """The fixed targets (shape [B,E]) for the modalities asked for (Teacher.encode's call)."""
         return (self.img if want_image else None), (self.txt if want_text else None)
 
 
@@ -113,7 +119,9 @@ class Rig:
         out = {k: v for k, v in batch.items() if k not in ("image", "image_mask")}
         out.update(visual_tokens=tokens.float().cpu(), visual_pad=pad.cpu())
         if self.teacher is not None and self.recipe.distill.modality in ("both", "image"):
-            emb, _ = self.teacher.encode(on["image"], None, want_image=True, want_text=False)
+            emb, _ = self.teacher.encode(
+                on["image"], None, image_mask=on["image_mask"], want_image=True, want_text=False
+            )
             out["teacher_image"] = emb.float().cpu()
         if pin:
             out = {k: v.pin_memory() if isinstance(v, Tensor) else v for k, v in out.items()}
@@ -300,7 +308,7 @@ class Rig:
         # requires grad: otherwise nn.MultiheadAttention takes its fused inference kernel,
         # which the counter does not see (it would miss every attention projection).
         clip = self.teacher.clip
-        x = self.teacher.image_input(batch["image"]).requires_grad_()
+        x = self.teacher.image_input(batch["image"], batch["image_mask"]).requires_grad_()
         counter = FlopCounterMode(display=False)
         with counter:
             clip.encode_image(x)

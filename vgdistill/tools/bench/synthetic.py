@@ -59,9 +59,10 @@ def synthetic_batches(
 ) -> list[dict[str, Any]]:
     """`n` training batches of the recipe's shapes (the loader's batch contract), on the CPU.
 
-    Images are ImageNet-normalised noise padded like a 4:3 photo (bottom rows are padding,
-    marked in the mask), phrases are tokenized by the real tokenizer and padded to
-    max_query_len, boxes are valid normalised cxcywh.
+    Images are uint8 noise padded like a 4:3 photo (bottom rows are padding: 0, and marked in
+    the mask), as the loader hands them over for the model to normalise; phrases are
+    tokenized by the real tokenizer and padded to max_query_len, boxes are valid normalised
+    cxcywh.
     """
     from vgdistill.data.loader import encode_phrase
 
@@ -70,12 +71,12 @@ def synthetic_batches(
     pool = synthetic_phrases(max(64, batch_size), seed)
     batches = []
     for i in range(n):
-        image = torch.randn(batch_size, 3, s, s, generator=g)
+        image = torch.randint(0, 256, (batch_size, 3, s, s), generator=g, dtype=torch.uint8)
         mask = torch.zeros(batch_size, s, s, dtype=torch.bool)
         valid_h = torch.randint(s // 2, s + 1, (batch_size,), generator=g)
         for j, h in enumerate(valid_h.tolist()):
             mask[j, h:] = True
-        image = image.masked_fill(mask[:, None], 0.0)
+        image = image.masked_fill(mask[:, None], 0)
         phrases = [pool[(i * batch_size + j) % len(pool)] for j in range(batch_size)]
         encoded = [encode_phrase(tokenizer, p, length) for p in phrases]
         centre = 0.3 + 0.4 * torch.rand(batch_size, 2, generator=g)
@@ -101,13 +102,15 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
-def _jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
-    """A photo-like JPEG: smooth colour fields plus sensor-like noise (compresses like a photo)."""
+def _jpeg(rng: np.random.Generator, width: int, height: int, noise: float = 6.0) -> bytes:
+    """A photo-like JPEG: smooth colour fields plus sensor-like noise (compresses like a photo;
+    more `noise`, more bytes)."""
     from PIL import Image
 
     small = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
     img = Image.fromarray(small).resize((width, height), Image.BICUBIC)
-    pixels = np.asarray(img, dtype=np.int16) + rng.normal(0, 6, (height, width, 3)).astype(np.int16)
+    grain = rng.normal(0, noise, (height, width, 3)).astype(np.int16)
+    pixels = np.asarray(img, dtype=np.int16) + grain
     buf = io.BytesIO()
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
     return buf.getvalue()
@@ -115,10 +118,9 @@ def _jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
 
 def synthetic_prepared_split(folder: Path, rows: int, image_size: int, seed: int) -> Any:
     """A prepared split of `rows` rows (JPEG photos at a COCO-like 4:3 size scaled to
-    image_size, up to 256 distinct images), saved to `folder` and memory-mapped back."""
-    import datasets
-
-    from vgdistill.data.prepare import features
+    image_size, up to 256 distinct images), prepared into `folder` and memory-mapped back."""
+    from vgdistill.data.prepare import load_split, prepare
+    from vgdistill.data.sources import RawRow, Source, SourceArgs
 
     rng = np.random.default_rng(seed)
     width, height = image_size, max(8, round(image_size * 3 / 4))
@@ -130,18 +132,18 @@ def synthetic_prepared_split(folder: Path, rows: int, image_size: int, seed: int
         w, h = rng.uniform(0.1, 0.5) * width, rng.uniform(0.1, 0.5) * height
         x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
         boxes.append([x, y, x + w, y + h])
-    table = {
-        "image": [{"bytes": images[i % n_images], "path": None} for i in range(rows)],
-        "expression": [phrases[i % len(phrases)] for i in range(rows)],
-        "bbox": boxes,
-        "image_id": [f"bench-{i % n_images}" for i in range(rows)],
-        "ref_id": [f"bench-{i}" for i in range(rows)],
-        "split": ["train"] * rows,
-        "source": ["bench"] * rows,
-        "width": [width] * rows,
-        "height": [height] * rows,
-        "objects": [{"category": [], "bbox": []}] * rows,
-    }
-    ds = datasets.Dataset.from_dict(table, features=features())
-    ds.save_to_disk(str(folder))
-    return datasets.load_from_disk(str(folder))
+    image_ids = [f"bench-{i % n_images}" for i in range(rows)]
+    table = [
+        RawRow(
+            images[i % n_images],
+            phrases[i % len(phrases)],
+            tuple(box),
+            image_ids[i],
+            f"bench-{i}",
+            "train",
+        )
+        for i, box in enumerate(boxes)
+    ]
+    source = Source("bench", "generated rows", (), lambda args: [], lambda args: iter(table))
+    prepare(source, SourceArgs(), folder, force=True, progress=False)
+    return load_split(folder, "train")

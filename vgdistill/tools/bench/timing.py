@@ -189,13 +189,18 @@ class Config:
         return statistics.median(self.rates) if self.rates else 0.0
 
 
-def paired_ratio(a: Config, b: Config) -> float:
-    """Median over repeats of a's images/s / b's in the same repeat.
+def paired_rates(a: list[float], b: list[float]) -> float:
+    """Median over repeats of a's rate / b's in the same repeat.
 
     The windows of one repeat ran back to back, so a load change on a shared machine hits
     both and cancels in their ratio, which a ratio of two medians would not do.
     """
-    return statistics.median(x / y for x, y in zip(a.rates, b.rates, strict=True))
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def paired_ratio(a: Config, b: Config) -> float:
+    """`paired_rates` of two configurations' images/s."""
+    return paired_rates(a.rates, b.rates)
 
 
 def _step_of(rig: Rig, kind: str) -> tuple[Callable[[], None], int]:
