@@ -164,6 +164,21 @@ def test_bench_without_teacher_and_without_plain_path(tmp_path):
     assert r["flops"]["teacher_image_per_image"] == 0
 
 
+def test_bench_json_dash_prints_the_figures_to_stdout(tmp_path, monkeypatch):
+    """--json - prints the JSON (and nothing else) to stdout, like eval and predict."""
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "bench", TINY, "--set", "distill.modality=none", "--no-data", "--no-compare-plain",
+        "--batch-size", "2", "--steps", "1", "--warmup", "0", "--repeats", "1", "--threads", "1",
+        "--json", "-",
+    ]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)  # no table, no "wrote" line
+    assert r["train"]["fast"]["images_per_s"] > 0 and r["eval"]["fast"]["images_per_s"] > 0
+    assert list(tmp_path.iterdir()) == []  # no file named "-"
+
+
 def test_bench_data_measures_a_prepared_datasets_loader_and_eval(tmp_path, tiny_data):
     """--data PATH: loader per core uint8 vs float-in-the-loader on the same draws, and eval
     with the shared visual pass vs per row on the same rows (same Acc@0.5)."""

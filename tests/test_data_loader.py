@@ -95,6 +95,27 @@ def test_eval_batch_contract(prepared, tokenizer):
     assert torch.equal(again["image"], batch["image"])
 
 
+def test_eval_decodes_an_image_once_for_its_consecutive_rows(prepared, tokenizer, monkeypatch):
+    from vgdistill.data.image_table import ImageTable
+    from vgdistill.data.loader import GroundingDataset
+
+    decoded = []
+    real = ImageTable.load_row
+
+    def counting(self, row, *args):
+        decoded.append(row["image_id"])
+        return real(self, row, *args)
+
+    monkeypatch.setattr(ImageTable, "load_row", counting)
+    ds = GroundingDataset(prepared, tokenizer, S, L, train=False, augment=False)
+    # Rows 0 and 6 share image 0: read 0, 6, 6, 1, 0 -> decodes for 0, 1 and 0 again.
+    samples = [ds[i] for i in (0, 6, 6, 1, 0)]
+    assert decoded == ["0", "1", "0"]
+    assert torch.equal(samples[0]["image"], samples[1]["image"])
+    assert torch.equal(samples[0]["image"], samples[4]["image"])
+    assert samples[1]["phrases"] == "an extraordinarily long description of it"
+
+
 def test_train_loader_is_seeded(prepared, tokenizer):
     cfg = DataConfig(image_size=S, max_query_len=L, augment=True, num_workers=0)
 

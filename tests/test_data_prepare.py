@@ -418,6 +418,27 @@ def test_a_damaged_folder_is_rebuilt_not_reported_up_to_date(shared):
     assert prepare("shared", SourceArgs(), out, progress=False).reused
 
 
+def test_an_up_to_date_prepare_removes_leftovers_of_killed_ones(shared):
+    """Re-running the same prepare reuses the dataset and, holding the lock for a moment,
+    removes the build folder and image cache a killed prepare left beside it."""
+    from vgdistill import atomic
+
+    tmp_path, _ = shared
+    out = tmp_path / "out"
+    prepare("shared", SourceArgs(), out, progress=False)
+    leftovers = [tmp_path / ".out.a1b2c3d4.partial", tmp_path / ".out.cache.x_9y8z7w"]
+    other = tmp_path / ".out2.a1b2c3d4.partial"  # another output's build: not ours to remove
+    with atomic.exclusive(out):  # another command holds the lock: reused, leftovers wait
+        for folder in [*leftovers, other]:
+            folder.mkdir()
+            (folder / "data-00000-of-00001.arrow").write_bytes(b"\0" * 1000)
+        assert prepare("shared", SourceArgs(), out, progress=False).reused
+        assert all(p.exists() for p in leftovers)
+    assert prepare("shared", SourceArgs(), out, progress=False).reused
+    assert not any(p.exists() for p in leftovers) and other.exists()
+    assert len(load_prepared(out)["train"]) == 3
+
+
 def test_prepare_benchmark_reports_its_figures(tmp_path, capsys):
     from vgdistill.tools.bench.prepare import main
 

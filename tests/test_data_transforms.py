@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from vgdistill.data.spatial_words import has_spatial_word, swap_left_right
 from vgdistill.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -20,14 +21,12 @@ from vgdistill.data.transforms import (
     GroundingTransform,
     centred_padding,
     crop,
-    has_spatial_word,
     hflip,
     long_side_size,
     resize,
     sample_crop,
     sample_crop_transvg,
     short_side_size,
-    swap_left_right,
     to_padded_tensor,
 )
 

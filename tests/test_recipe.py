@@ -198,6 +198,29 @@ def test_recipe_cp(tmp_path):
     assert not (tmp_path / "x.toml").exists()
 
 
+def test_recipe_cp_refuses_an_unwritable_dest(tmp_path):
+    """DEST below a file, or in a read-only folder: exit 2 with one line, nothing written."""
+    from test_faults_fs import _chmod_protects
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    cases = {afile / "r50.toml": f"{afile} is a file, not a folder"}
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if _chmod_protects(tmp_path):  # not for root, which writes into chmod a-w folders anyway
+        cases[locked / "r50.toml"] = f"{locked} is not writable (permission denied)"
+    try:
+        for dest, reason in cases.items():
+            result = runner.invoke(app, ["recipe", "cp", "refcoco/r50", str(dest)])
+            assert result.exit_code == 2, result.output
+            assert len(result.output.strip().splitlines()) == 1, result.output
+            assert f"DEST {dest}: {reason}" in result.output and not dest.exists()
+    finally:
+        locked.chmod(0o755)
+    assert afile.read_text() == "mine"
+
+
 def test_paper_recipe_without_its_detr_file_stops_before_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "runs" / "refcoco"

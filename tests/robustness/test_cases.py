@@ -260,6 +260,36 @@ def flip_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def damaged_teacher(env: Env) -> str:
+    """A random vgd-tiny-clip teacher folder (written by the real saver), a byte flipped."""
+    from vgdistill.models.teacher import Teacher
+    from vgdistill.recipe import DistillConfig
+
+    folder = env.tmp / "teacher"
+    cfg = DistillConfig(teacher="vgd-tiny-clip", teacher_pretrained="")
+    Teacher.from_config(cfg, load_weights=False).save(folder)
+    flip_byte(folder / "open_clip_model.safetensors")
+    return str(folder)
+
+
+def damaged_detector(env: Env) -> str:
+    """The weights file of a 2-step `vgdistill detector` on the test data, a byte flipped."""
+    from vgdistill.recipe import load_recipe
+    from vgdistill.training.detector import fit_detector
+
+    out = env.tmp / "detector"
+    sets = [f"data.path={json.dumps(str(env.data))}", "detector.steps=2", "detector.batch_size=4"]
+    fit_detector(load_recipe(RECIPE, [*sets, "data.num_workers=0"]), out, progress=False)
+    flip_byte(out / "detr.safetensors")
+    return str(out / "detr.safetensors")
+
+
+def train_with(env: Env, *sets: str) -> list[str]:
+    """`train` of the tiny recipe on the test data with `sets`."""
+    argv = ["train", tiny_recipe(env), "--out", str(env.tmp / "run"), "--no-progress"]
+    return argv + [a for s in sets for a in ("--set", s)]
+
+
 def newest_state(run: Path) -> Path:
     """The newest resumable state of a run folder."""
     from vgdistill.training.rundir import RunDir
@@ -677,6 +707,16 @@ CASES: list[Case] = [
     Case("state-flipped-byte", "--resume from a state with a flipped byte",
          lambda e: resume_damaged(e, flip_state_byte),
          says=r"model\.safetensors is damaged.*delete that folder to resume from an older"),
+    Case("teacher-flipped-byte", "distill from a teacher folder with a flipped byte",
+         lambda e: train_with(e, 'distill.modality="both"',
+                              f"distill.teacher={json.dumps(damaged_teacher(e))}"),
+         says=r"open_clip_model\.safetensors is damaged: its SHA-256"),
+    Case("detector-flipped-byte", "model.detr_checkpoint with a flipped byte",
+         lambda e: train_with(e, f"model.detr_checkpoint={json.dumps(damaged_detector(e))}"),
+         says=r"detr\.safetensors is damaged: its SHA-256"),
+    Case("recipe-cp-below-a-file", "recipe cp to a path below an existing file",
+         lambda e: ["recipe", "cp", "tiny", a_file(e) + "/tiny.toml"],
+         says=r"DEST .*notes\.txt is a file, not a folder", then=file_intact),
     Case("resume-recipe-toml-deleted", "recipe.toml deleted, --resume with another lr",
          lambda e: resume_damaged(e, lambda run: (run / "recipe.toml").unlink(), "train.lr=5e-4"),
          says=r"differs from its state/step-\d+/recipe\.toml in train\.lr"),

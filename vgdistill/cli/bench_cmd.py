@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from vgdistill.cli.common import SetOption, console, err_console, friendly
+from vgdistill.cli.common import (
+    SetOption,
+    check_json_out,
+    console,
+    err_console,
+    friendly,
+    write_json_out,
+)
 
 
 @friendly
@@ -40,7 +46,12 @@ def command(
         int, typer.Option("--repeats", help="Timed windows per figure (the median is shown).")
     ] = 3,
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="Also write the figures to this JSON file.")
+        Path | None,
+        typer.Option(
+            "--json",
+            help="Also write the figures to this JSON file; '-' prints them to stdout "
+            "instead of the tables.",
+        ),
     ] = None,
     no_data: Annotated[
         bool, typer.Option("--no-data", help="Skip the data pipeline measurement.")
@@ -87,17 +98,13 @@ def command(
     come from the recipe, the data figure from JPEGs generated in a temporary folder. With
     --data PATH it measures that prepared dataset's loader and evaluation instead.
     """
-    from vgdistill.atomic import write_text
     from vgdistill.errors import VGError
     from vgdistill.report.bench import bench_tables, load_note
     from vgdistill.tools.bench import BenchOptions, bench_file
 
     if data_path is not None and no_data:
         raise VGError("--data PATH measures a dataset's loader; it cannot go with --no-data")
-    if json_out is not None:
-        from vgdistill.atomic import check_file_out
-
-        check_file_out(json_out, "--json")  # before the measurements, not after them
+    check_json_out(json_out)  # before the measurements, not after them
     opts = BenchOptions(
         device=device,
         batch_size=batch_size,
@@ -116,11 +123,12 @@ def command(
         result = bench_file(
             recipe, overrides, opts, progress=lambda msg: status.update(f"bench: {msg}")
         )
-    for table in bench_tables(result):
-        console.print(table)
+    to_stdout = write_json_out(json_out, result)
+    if not to_stdout:
+        for table in bench_tables(result):
+            console.print(table)
     note = load_note(result)
     if note is not None:
         err_console.print(note)
-    if json_out is not None:
-        write_text(json_out, json.dumps(result, indent=2) + "\n")
+    if json_out is not None and not to_stdout:
         console.print(f"wrote {json_out}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import json
 import logging
 import os
 import sys
@@ -39,6 +40,31 @@ RunOrCheckpoint = Annotated[
 ProgressOption = Annotated[
     bool, typer.Option("--progress/--no-progress", help="Show progress bars.")
 ]
+
+
+JSON_STDOUT = Path("-")  # `--json -`: print the JSON to stdout instead of writing a file
+
+
+def check_json_out(json_out: Path | None) -> None:
+    """Fail before any work when --json names a file that cannot be written ('-' is stdout)."""
+    if json_out is not None and json_out != JSON_STDOUT:
+        from vgdistill.atomic import check_file_out
+
+        check_file_out(json_out, "--json")
+
+
+def write_json_out(json_out: Path | None, record: dict[str, Any]) -> bool:
+    """Write `record` to --json's file; True when it went to stdout ('-') instead of a table."""
+    if json_out is None:
+        return False
+    text = json.dumps(record, indent=2)
+    if json_out == JSON_STDOUT:
+        typer.echo(text)
+        return True
+    from vgdistill.atomic import write_text
+
+    write_text(json_out, text + "\n")
+    return False
 
 
 def out_option(help: str) -> Any:

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from vgdistill.cli.common import RunOrCheckpoint, SetOption, console, err_console, friendly
+from vgdistill.cli.common import (
+    JSON_STDOUT,
+    RunOrCheckpoint,
+    SetOption,
+    check_json_out,
+    console,
+    err_console,
+    friendly,
+)
 from vgdistill.errors import VGError
 
 
@@ -59,11 +67,8 @@ def command(
         raise VGError(f"--control {control!r} is not one of: {', '.join(CONTROLS)}")
     if not run_or_ckpt.exists():
         raise VGError(f"checkpoint or run folder not found: {run_or_ckpt}")
-    to_stdout = json_out == Path("-")
-    if json_out is not None and not to_stdout:
-        from vgdistill.atomic import check_file_out
-
-        check_file_out(json_out, "--json")  # before the evaluation, not after it
+    to_stdout = json_out == JSON_STDOUT
+    check_json_out(json_out)  # before the evaluation, not after it
 
     from vgdistill.evaluation.evaluate import evaluate_checkpoint
     from vgdistill.report.tables import results_table

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from vgdistill.cli.common import (
     RunOrCheckpoint,
     SetOption,
+    check_json_out,
     console,
     err_console,
     friendly,
     out_option,
+    write_json_out,
 )
 from vgdistill.errors import VGError
-
-STDOUT = Path("-")
 
 
 @friendly
@@ -78,9 +78,9 @@ def command(
     """
     from vgdistill.atomic import check_file_out
 
-    for path, flag in ((out, "--out"), (json_out, "--json")):
-        if path is not None and path != STDOUT:
-            check_file_out(path, flag)  # an unwritable output fails before any work
+    if out is not None:
+        check_file_out(out, "--out")  # an unwritable output fails before any work
+    check_json_out(json_out)
     if batch is not None:
         if image is not None or phrases:
             raise VGError("give either IMAGE and phrases, or --batch FILE, not both")
@@ -134,7 +134,7 @@ def _run_single(
         "predictions": [{"phrase": g.phrase, "box": [round(v, 2) for v in g.box]} for g in found],
         "out": str(out) if out is not None else None,
     }
-    if _write_json(json_out, record):
+    if write_json_out(json_out, record):
         return
     from vgdistill.report.tables import groundings_table
 
@@ -143,20 +143,6 @@ def _run_single(
     for path in (out, json_out):
         if path is not None:
             console.print(f"wrote {path}", highlight=False)
-
-
-def _write_json(json_out: Path | None, record: dict[str, Any]) -> bool:
-    """Write `record` to --json's file; True when it went to stdout ('-') instead of a table."""
-    if json_out is None:
-        return False
-    text = json.dumps(record, indent=2)
-    if json_out == STDOUT:
-        typer.echo(text)
-        return True
-    from vgdistill.atomic import write_text
-
-    write_text(json_out, text + "\n")
-    return False
 
 
 def _run_batch(
@@ -195,7 +181,7 @@ def _run_batch(
     for error in errors:
         err_console.print(f"skipped {error}", highlight=False, markup=False, soft_wrap=True)
     summary = {"out": str(out), "lines": len(results), "errors": len(errors)}
-    if _write_json(json_out, summary):
+    if write_json_out(json_out, summary):
         return
     skipped = f' ({len(errors)} line(s) skipped, marked "error")' if errors else ""
     console.print(f"wrote {len(results)} results to {out}{skipped}", highlight=False)

@@ -28,6 +28,7 @@ from vgdistill.recipe import AUGMENTATIONS
 
 if TYPE_CHECKING:
     import datasets
+    from PIL import Image
 
     from vgdistill.recipe import DataConfig
 
@@ -96,6 +97,9 @@ class GroundingDataset(Dataset):
         # The augmentation never makes the long side larger than S, nor (when it crops) the
         # short side larger than its largest short-side resize.
         self.min_short = max(self.transform.sizes.short_sides) if "crop" in augment_ops else 0
+        # Evaluation batches an image's rows together (one visual pass per image), so they
+        # reach one worker in a row: decoding the image once serves them all.
+        self._last_image: tuple[int, Image.Image] | None = None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -114,11 +118,20 @@ class GroundingDataset(Dataset):
         f = max(self.transform.size / max(width, height), self.min_short / min(width, height))
         return (math.ceil(width * f), math.ceil(height * f)) if f <= 0.5 else None
 
+    def _image(self, row: dict[str, Any], name: str, width: int, height: int) -> Image.Image:
+        """The row's decoded image; without augmentation the last one is reused for its rows."""
+        if self.transform.augment:
+            return self.images.load_row(row, name, self._draft(width, height))
+        key = int(row["image_index"])
+        if self._last_image is None or self._last_image[0] != key:
+            self._last_image = (key, self.images.load_row(row, name))
+        return self._last_image[1]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.data[int(index)]
         name = f"{row.get('source', 'dataset')} row {index} (image {row.get('image_id')})"
         width, height = row["width"], row["height"]
-        img = self.images.load_row(row, name, self._draft(width, height))
+        img = self._image(row, name, width, height)
         orig = np.asarray(row["bbox"], dtype=np.float64)
         # A reduced decode: the box follows the pixels, and `scale` still maps to original pixels.
         sx, sy = img.width / width, img.height / height

@@ -136,7 +136,8 @@ class Frames:
         """Row `row` as (image float32 [3,S,S], phrase after any flip word-swap)."""
         phrase = self.table.phrases[row]
         if self.cache is not None:
-            from vgdistill.data.transforms import FLIP_PROB, swap_left_right
+            from vgdistill.data.spatial_words import swap_left_right
+            from vgdistill.data.transforms import FLIP_PROB
 
             flipped = len(self.cache[0]) > 1 and random.Random(_torch_seed()).random() < FLIP_PROB
             if flipped:

@@ -17,6 +17,7 @@ else rebuilds, saying why when the folder held an earlier build.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -123,6 +124,15 @@ def _reusable(out: Path, fp: str) -> tuple[dict[str, Any] | None, str | None]:
     return manifest, None
 
 
+def _remove_leftovers(out: Path) -> None:
+    """Hold the output lock for a moment: atomic.exclusive then removes the build folders and
+    image caches killed prepares left beside the up-to-date `out`."""
+    # Locked by another command, or in a read-only place: the dataset is reused all the same
+    # and the leftovers wait for a later run.
+    with contextlib.suppress(VGError), atomic.exclusive(out, whole=True):
+        pass
+
+
 def _progress(console: Console | None, enabled: bool):  # noqa: ANN202 - rich type
     """The progress bars of one prepare run (transient; off when `enabled` is False)."""
     from rich.progress import (
@@ -182,6 +192,7 @@ def prepare(
     if not force:
         manifest, note = _reusable(out, fp)
         if manifest is not None:
+            _remove_leftovers(out)
             return PrepareResult(out, manifest, reused=True, seconds=time.perf_counter() - start)
 
     with atomic.exclusive(out, what="another `vgdistill prepare`", whole=True):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from vgdistill.data.spatial_words import has_spatial_word, swap_left_right
 from vgdistill.recipe import AUGMENTATIONS
 from vgdistill.recipe.schema import CROPS
 
@@ -53,30 +53,7 @@ JITTER_PROB = 0.8
 JITTER_STRENGTH = 0.4
 FLIP_PROB = 0.5
 
-_SPATIAL = re.compile(r"\b(left|right|top|bottom|middle)(most)?\b", re.IGNORECASE)
-# Only the three usual spellings are swapped, so the swap is its own inverse; "most" suffixes
-# ("leftmost") follow the stem. \b keeps "bright", "lefty" and "copyright" untouched.
-_LEFT_RIGHT = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)(most|MOST)?\b")
-_SWAP = {
-    "left": "right",
-    "right": "left",
-    "Left": "Right",
-    "Right": "Left",
-    "LEFT": "RIGHT",
-    "RIGHT": "LEFT",
-}
-
 Box = np.ndarray  # float64 [4], absolute pixel xyxy
-
-
-def swap_left_right(phrase: str) -> str:
-    """Swap the whole words left and right (any of lower/Title/UPPER case, '-most' kept)."""
-    return _LEFT_RIGHT.sub(lambda m: _SWAP[m.group(1)] + (m.group(2) or ""), phrase)
-
-
-def has_spatial_word(phrase: str) -> bool:
-    """True when the phrase names a position (left/right/top/bottom/middle) as a whole word."""
-    return _SPATIAL.search(phrase) is not None
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from vgdistill.errors import VGError
+from vgdistill.models.files import CHECKSUMS, verify_recorded
 from vgdistill.training.rundir import RunDir
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-CHECKSUMS = "sha256"  # the config.json key of the weights' checksums
 
 
 def save_checkpoint(model: nn.Module, recipe: Any, folder: str | Path) -> None:
@@ -116,16 +116,8 @@ def verify_weights(folder: Path) -> None:
     Call it after the file loaded and fitted the model: a truncated file or another model's
     weights get those more telling errors; this catches damage nothing else sees (flipped
     bytes inside the tensor data)."""
-    from vgdistill.models.files import verify_sha256
-
-    try:
-        raw = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # read_config reports a missing or corrupt config.json
-        return
-    sums = raw.get(CHECKSUMS) if isinstance(raw, dict) else None
-    if isinstance(sums, dict) and isinstance(sums.get(WEIGHTS), str):
-        fix = "copy the checkpoint again, or use the run's other checkpoint (best/ or last/)"
-        verify_sha256(folder / WEIGHTS, sums[WEIGHTS], fix)
+    fix = "copy the checkpoint again, or use the run's other checkpoint (best/ or last/)"
+    verify_recorded(folder / WEIGHTS, folder / CONFIG, fix)
 
 
 def read_config(folder: Path) -> tuple[Any, dict[str, Any]]:

@@ -216,7 +216,24 @@ def build_clip(source: TeacherSource, load_weights: bool = True) -> tuple[nn.Mod
     finally:
         if quiet:
             logging.disable(logging.NOTSET)
+    if load_weights:
+        _verify_weights(source)
     return model, open_clip.get_tokenizer(source.arch)
+
+
+def _verify_weights(source: TeacherSource) -> None:
+    """Refuse teacher weights whose bytes changed since `write_local_dir` recorded their
+    SHA-256 (checked after open_clip loaded them: an unreadable file gets its own error)."""
+    from vgdistill.models.files import verify_recorded
+
+    if source.arch.startswith(LOCAL_DIR):
+        weights = Path(source.arch[len(LOCAL_DIR) :]) / WEIGHTS_FILE
+    elif source.weights and Path(source.weights).is_file():
+        weights = Path(source.weights)  # a weights file inside a teacher folder, named directly
+    else:
+        return
+    fix = "copy the teacher folder again, or fit it again with `vgdistill teacher --force`"
+    verify_recorded(weights, weights.parent / CONFIG_FILE, fix)
 
 
 def clip_preprocess(model: nn.Module) -> dict[str, Any]:
@@ -226,10 +243,17 @@ def clip_preprocess(model: nn.Module) -> dict[str, Any]:
 
 def write_local_dir(model: nn.Module, model_cfg: dict[str, Any], folder: Path) -> None:
     """Write open_clip's local-dir layout (config + safetensors) into `folder`; callers write
-    into a `build_dir`, which makes the whole folder appear at once."""
+    into a `build_dir`, which makes the whole folder appear at once. The config also records
+    the weights' SHA-256 (open_clip ignores the key), checked on every load."""
     from safetensors.torch import save_file
 
-    config = {"model_cfg": model_cfg, "preprocess_cfg": clip_preprocess(model)}
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    from vgdistill.models.files import CHECKSUMS, sha256_file
+
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": clip_preprocess(model),
+        CHECKSUMS: {WEIGHTS_FILE: sha256_file(folder / WEIGHTS_FILE)},
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

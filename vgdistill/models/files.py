@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from vgdistill.errors import VGError
 log = logging.getLogger("vgdistill")
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
+# The key, in the JSON file written beside weights, of their {file name: SHA-256}.
+CHECKSUMS = "sha256"
 
 
 def _allowed_globals() -> list[Any]:
@@ -96,6 +99,18 @@ def verify_sha256(path: str | Path, expected: str, fix: str) -> None:
             f"{path} is damaged: its SHA-256 ({got[:12]}...) is not the one recorded when it "
             f"was saved ({expected[:12]}...); {fix}"
         )
+
+
+def verify_recorded(weights: Path, record: Path, fix: str) -> None:
+    """Check `weights` against the SHA-256 the JSON file `record` holds for it (VGError when
+    the bytes changed); files whose record has none (written before checksums) are not checked."""
+    try:
+        raw = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no record (or an unreadable one): its reader reports it
+        return
+    sums = raw.get(CHECKSUMS) if isinstance(raw, dict) else None
+    if isinstance(sums, dict) and isinstance(sums.get(weights.name), str):
+        verify_sha256(weights, sums[weights.name], fix)
 
 
 def load_safetensors_file(path: str | Path) -> dict[str, Any]:

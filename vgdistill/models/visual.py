@@ -145,6 +145,7 @@ def load_detr_checkpoint(visual: VisualBranch, path: str | Path) -> dict[str, li
     ]
     if bad:
         raise VGError(f"{path}: DETR weights do not fit this model: {'; '.join(bad[:3])}")
+    _verify_detector(Path(path))
     result = visual.load_state_dict(mapped, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
     unexpected = list(result.unexpected_keys) + unknown
@@ -158,3 +159,13 @@ def load_detr_checkpoint(visual: VisualBranch, path: str | Path) -> dict[str, li
         f" ({', '.join(unexpected[:5])})" if unexpected else "",
     )
     return {"missing": missing, "unexpected": unexpected}
+
+
+def _verify_detector(path: Path) -> None:
+    """Refuse a `vgdistill detector` file whose bytes changed since its detector.json recorded
+    their SHA-256 (other DETR checkpoints have no record and are not checked)."""
+    from vgdistill.models.files import verify_recorded
+    from vgdistill.training.detector import REPORT_FILE
+
+    fix = "copy the detector folder again, or fit it again with `vgdistill detector --force`"
+    verify_recorded(path, path.parent / REPORT_FILE, fix)

@@ -99,7 +99,7 @@ def run_name(recipe: str | Path) -> str:
 def copy_recipe(name: str, dest: Path, force: bool = False) -> Path:
     """Copy the shipped recipe NAME to `dest` (a file, or an existing folder to put
     NAME.toml in, '/' turned into '-'); returns the file written."""
-    from vgdistill.atomic import write_text
+    from vgdistill.atomic import check_file_out, write_text
 
     source = shipped_path(name)
     if source is None:
@@ -109,6 +109,7 @@ def copy_recipe(name: str, dest: Path, force: bool = False) -> Path:
         dest = dest / (_key(name).replace("/", "-") + SUFFIX)
     if dest.exists() and not force:
         raise VGError(f"{dest} exists; pass --force to replace it")
+    check_file_out(dest, "DEST")  # a read-only place, or a path below a file: one line
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_text(dest, source.read_text(encoding="utf-8"))
     return dest

@@ -175,7 +175,11 @@ def fit_detector(
             )
             from safetensors.torch import save_file
 
+            from vgdistill.models.files import CHECKSUMS, sha256_file
+
             save_file(visual_to_detr_state(visual), str(tmp / WEIGHTS_FILE))
+            # checked wherever model.detr_checkpoint loads the file (models.visual)
+            report[CHECKSUMS] = {WEIGHTS_FILE: sha256_file(tmp / WEIGHTS_FILE)}
             write_text(tmp / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     return {**report, "reused": False}
 

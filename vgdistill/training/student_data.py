@@ -27,7 +27,7 @@ def prewarm_text_cache(teacher: Any, recipe: Recipe, train_split: Any) -> None:
         return
     phrases = set(train_split["expression"])
     if recipe.data.augment:
-        from vgdistill.data.transforms import swap_left_right
+        from vgdistill.data.spatial_words import swap_left_right
 
         phrases |= {swap_left_right(p) for p in phrases}
     ordered = sorted(phrases)

@@ -28,7 +28,8 @@ from torch import Tensor
 from vgdistill.data.image_table import ImageTable
 from vgdistill.data.images import ImageIndex
 from vgdistill.data.loader import encode_phrase, sample_seed
-from vgdistill.data.transforms import FLIP_PROB, GroundingTransform, swap_left_right
+from vgdistill.data.spatial_words import swap_left_right
+from vgdistill.data.transforms import FLIP_PROB, GroundingTransform
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
