@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from vgdistill.cli.common import (
-    JSON_STDOUT,
     RunOrCheckpoint,
     SetOption,
     check_json_out,
     console,
     err_console,
     friendly,
+    write_json_out,
 )
 from vgdistill.errors import VGError
 
@@ -67,7 +66,6 @@ def command(
         raise VGError(f"--control {control!r} is not one of: {', '.join(CONTROLS)}")
     if not run_or_ckpt.exists():
         raise VGError(f"checkpoint or run folder not found: {run_or_ckpt}")
-    to_stdout = json_out == JSON_STDOUT
     check_json_out(json_out)  # before the evaluation, not after it
 
     from vgdistill.evaluation.evaluate import evaluate_checkpoint
@@ -79,14 +77,11 @@ def command(
         split,
         control,
         batch_size,
-        None if to_stdout else json_out,
         overrides=overrides,
     )
     if record is None:  # not the main process
         return
-    if to_stdout:
-        typer.echo(json.dumps(record, indent=2))
-    else:
+    if not write_json_out(json_out, record):
         title = f"{run_or_ckpt} on {record['data']} ({record['protocol']} protocol)"
         console.print(results_table(record["results"], title=title))
     if record.get("not_saved"):  # a read-only run folder: results shown, not recorded

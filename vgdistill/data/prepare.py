@@ -10,14 +10,11 @@ folder is built beside `--out` and swapped in only when complete, under an exclu
 neither an interrupted run nor two concurrent runs leave a half dataset that later commands
 would trust. How rows are cleaned: data/cleaning.py.
 
-Reuse: the same source, arguments and input files, an intact folder (every file there with
-its size) and unchanged images (each image file's size and mtime) give "up to date"; anything
-else rebuilds, saying why when the folder held an earlier build.
+Reuse (an intact folder built from the same inputs is "up to date"): data/reuse.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -28,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 from vgdistill import __version__, atomic
 from vgdistill.data.cleaning import clean_expression, clip_box, image_key, objects_column
-from vgdistill.data.image_table import changed_files
 from vgdistill.data.images import max_pixels_limit
 from vgdistill.data.manifest import (
     DROP_REASONS,
@@ -36,7 +32,6 @@ from vgdistill.data.manifest import (
     IMAGES,
     MANIFEST,
     SplitCounts,
-    damage,
     features,
     fingerprint,
     load_prepared,
@@ -45,6 +40,7 @@ from vgdistill.data.manifest import (
     source_args_dict,
 )
 from vgdistill.data.prepare_images import ImagePass, ImageTask, write_image_table
+from vgdistill.data.reuse import SHOW_PATHS, guard_out, list_examples, remove_leftovers, reusable
 from vgdistill.data.sources import RawRow, Source, SourceArgs, get_source
 from vgdistill.data.store import TableWriter, file_sizes, write_dataset_dict
 from vgdistill.errors import VGError
@@ -52,7 +48,6 @@ from vgdistill.errors import VGError
 if TYPE_CHECKING:
     from rich.console import Console
 
-_SHOW_PATHS = 5
 
 
 @dataclass
@@ -86,53 +81,6 @@ class _Candidate:
     expression: str
 
 
-def _guard_out(out: Path) -> None:
-    """Refuse to replace a folder that is not a prepared dataset (it may hold user files)."""
-    if out.exists() and not out.is_dir():
-        raise VGError(f"--out {out} is a file; give a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise VGError(
-            f"--out {out} exists and is not a vgdistill dataset (no {MANIFEST}); "
-            "choose a new or empty folder so nothing of yours is replaced"
-        )
-
-
-def _reusable(out: Path, fp: str) -> tuple[dict[str, Any] | None, str | None]:
-    """(the manifest of an intact dataset in `out` built from these very inputs, None), or
-    (None, why not) when `out` holds a build of the same inputs that cannot be reused."""
-    if not (out / MANIFEST).is_file():
-        return None, None
-    try:
-        manifest = read_manifest(out)
-    except VGError:
-        return None, None
-    if manifest.get("fingerprint") != fp:
-        return None, None
-    problem = damage(out, manifest)
-    if problem is None:
-        try:
-            changed = changed_files(out, manifest)
-        except Exception as e:  # an unreadable image table: damaged in a way sizes miss
-            problem = f"its image table cannot be read: {e}"
-    if problem is not None:
-        return None, f"{out} is damaged ({problem}); rebuilding it"
-    if changed:
-        return None, (
-            f"{len(changed)} image file(s) changed since {out} was built, e.g. "
-            f"{_list_examples(changed)}; rebuilding it"
-        )
-    return manifest, None
-
-
-def _remove_leftovers(out: Path) -> None:
-    """Hold the output lock for a moment: atomic.exclusive then removes the build folders and
-    image caches killed prepares left beside the up-to-date `out`."""
-    # Locked by another command, or in a read-only place: the dataset is reused all the same
-    # and the leftovers wait for a later run.
-    with contextlib.suppress(VGError), atomic.exclusive(out, whole=True):
-        pass
-
-
 def _progress(console: Console | None, enabled: bool):  # noqa: ANN202 - rich type
     """The progress bars of one prepare run (transient; off when `enabled` is False)."""
     from rich.progress import (
@@ -154,13 +102,6 @@ def _progress(console: Console | None, enabled: bool):  # noqa: ANN202 - rich ty
         transient=True,
         disable=not enabled,
     )
-
-
-def _list_examples(paths: list[str]) -> str:
-    """The first few paths, and how many more."""
-    shown = ", ".join(paths[:_SHOW_PATHS])
-    more = f" and {len(paths) - _SHOW_PATHS} more" if len(paths) > _SHOW_PATHS else ""
-    return shown + more
 
 
 def prepare(
@@ -187,22 +128,22 @@ def prepare(
     # The worker count is not an option of the output: any count writes the same folder.
     options = {"skip_missing": skip_missing, "max_pixels": limit}
     fp = fingerprint(source, args, inputs, options)
-    _guard_out(out)
+    guard_out(out)
     note = None
     if not force:
-        manifest, note = _reusable(out, fp)
+        manifest, note = reusable(out, fp)
         if manifest is not None:
-            _remove_leftovers(out)
+            remove_leftovers(out)
             return PrepareResult(out, manifest, reused=True, seconds=time.perf_counter() - start)
 
     with atomic.exclusive(out, what="another `vgdistill prepare`", whole=True):
         # Another run may have finished this very dataset while we waited for nothing.
         if not force:
-            manifest, note = _reusable(out, fp)
+            manifest, note = reusable(out, fp)
             if manifest is not None:
                 seconds = time.perf_counter() - start
                 return PrepareResult(out, manifest, reused=True, seconds=seconds)
-        _guard_out(out)
+        guard_out(out)
         with _progress(console, progress) as bar:
             manifest = _build(source, args, out, fp, options, workers, bar)
     seconds = time.perf_counter() - start
@@ -243,7 +184,7 @@ def _missing_images(
         n_rows = sum(1 for r in rows if isinstance(r.image, str) and r.image in missing)
         raise VGError(
             f"{len(missing)} of {len(paths)} images are missing ({n_rows} rows), e.g. "
-            f"{_list_examples(sorted(missing))}; check --images, or pass --skip-missing to "
+            f"{list_examples(sorted(missing))}; check --images, or pass --skip-missing to "
             "drop those rows"
         )
     return missing
@@ -374,9 +315,9 @@ def _build(
             "images": sum(not isinstance(p, str) for p in images.placed.values()),
             "images_reencoded": images.checks.reencoded,
             "exif": images.checks.exif_report(),
-            "size_mismatch_examples": sorted(images.checks.mismatches.values())[:_SHOW_PATHS],
-            "missing_examples": sorted(missing)[:_SHOW_PATHS],
-            "unreadable_examples": unreadable[:_SHOW_PATHS],
+            "size_mismatch_examples": sorted(images.checks.mismatches.values())[:SHOW_PATHS],
+            "missing_examples": sorted(missing)[:SHOW_PATHS],
+            "unreadable_examples": unreadable[:SHOW_PATHS],
             # Every file with its size (a damaged folder is rebuilt, not trusted), and the
             # image files whose rows were dropped (if one appears or changes, rebuild).
             "files": file_sizes(tmp),

@@ -15,7 +15,6 @@ Metrics are fractions in [0, 1]; tables print them as percentages.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -282,7 +281,6 @@ def evaluate_checkpoint(
     splits: list[str] | None = None,
     control: str | None = None,
     batch_size: int | None = None,
-    json_out: Path | None = None,
     overrides: list[str] | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate a checkpoint or run folder (best/, else last/) and record the results.
@@ -290,10 +288,9 @@ def evaluate_checkpoint(
     `overrides` are `--set` values applied to the checkpoint's recipe (eval.protocol,
     eval.batch_size, data.path, ...). Returns {"checkpoint", "data", "protocol", "processes",
     "control", "results": {split: metrics}} on the main process (None on the others), after
-    writing it to `json_out` and, for a run folder, to its eval.json, refreshing its
-    curves.png too.
+    writing it, for a run folder, to its eval.json and refreshing its curves.png.
     """
-    from vgdistill.atomic import unwritable_reason, write_text
+    from vgdistill.atomic import unwritable_reason
     from vgdistill.evaluation.inference import load_for_inference
     from vgdistill.report.curves import plot_curves
     from vgdistill.training.rundir import RunDir
@@ -322,8 +319,6 @@ def evaluate_checkpoint(
         "control": control,
         "results": results,
     }
-    if json_out is not None:
-        write_text(json_out, json.dumps(record, indent=2) + "\n")
     run = RunDir(run_or_ckpt)
     if run.is_run():
         try:
